@@ -1,0 +1,94 @@
+"""Attention that follows a batch's prompt/completion groups exactly, with no wasted work.
+
+Registered with transformers as the attention implementation ``"orpo_blocks"``; a model switched to it
+(see :func:`enable`) calls :func:`block_attention` in every layer with the batch's ``Layout``
+passed through as the ``orpo_layout`` keyword. Per group it runs two kinds of SDPA call:
+
+- the prompt and its first completion, causally: ``q, k, v = x[s : s+P+C1]``;
+- every further completion against the prompt and itself: ``q = x[c : c+C]``, ``k = [x_prompt; x_c]``,
+  with a mask that shows the whole prompt and the completion causally.
+
+A dense (T, T) mask over a packed row would compute every masked block too (on CPU, SDPA does not skip
+them) and grows quadratically with the packed length; this computes only the blocks that are seen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "orpo_blocks"
+
+
+def block_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
+    """query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers expects."""
+    layout = kwargs.get("orpo_layout")
+    if layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise RuntimeError("orpo_blocks attention does not support attention softcapping; use --attention mask")
+    window = kwargs.get("sliding_window")
+    gqa = query.shape[1] != key.shape[1]
+    p_drop = dropout if module.training else 0.0
+    b_, h_, t_, d_ = query.shape
+    rows = []
+    for r, groups in enumerate(layout.by_row()):
+        pieces = []
+        cursor = 0
+        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
+        for g in groups:
+            if window is not None and g.end - g.start > window:
+                raise RuntimeError(
+                    f"a pair of {g.end - g.start} tokens exceeds the model's sliding window ({window}); "
+                    "use --attention mask or a smaller --max-length"
+                )
+            if g.start > cursor:
+                pieces.append(query.new_zeros(1, h_, g.start - cursor, d_))
+            s, p = g.start, g.prompt_len
+            (c0, n0), rest = g.completions[0], g.completions[1:]
+            e = c0 + n0
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, dropout_p=p_drop, scale=scaling, enable_gqa=gqa
+                )
+            )
+            for cs, n in rest:
+                kk = torch.cat((k[:, :, s : s + p], k[:, :, cs : cs + n]), dim=2)
+                vv = torch.cat((v[:, :, s : s + p], v[:, :, cs : cs + n]), dim=2)
+                mask = layout.suffix_mask(p, n, query.device)
+                pieces.append(
+                    F.scaled_dot_product_attention(
+                        q[:, :, cs : cs + n], kk, vv, attn_mask=mask, dropout_p=p_drop, scale=scaling, enable_gqa=gqa
+                    )
+                )
+            cursor = g.end
+        if cursor < t_:
+            pieces.append(query.new_zeros(1, h_, t_ - cursor, d_))
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make ``"orpo_blocks"`` known to transformers. Without a layout (generation, say) it is plain SDPA
+    with transformers' own SDPA masks, so a model can stay switched to it for a whole run."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, block_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def enable(config) -> None:
+    """Switch a model config to block attention. It stays switched: gradient checkpointing recomputes
+    the forward inside the backward pass, which must see the same attention."""
+    register()
+    config._attn_implementation = NAME
+
+
+def placeholder_mask(rows: int, device) -> torch.Tensor:
+    """A 4D stand-in passed as ``attention_mask``: transformers returns 4D masks as they are, so no
+    (T, T) mask is built for a packed row; :func:`block_attention` ignores it."""
+    return torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)

@@ -1,0 +1,221 @@
+"""Turn normalised pairs into token ids: chat template, prompt/completion boundary, end token, truncation.
+
+Rules (each has a test):
+- Chat messages go through the tokenizer's chat template; the prompt part ends with the generation
+  prompt (``<|im_start|>assistant\\n`` for ChatML). Templated text is tokenized with
+  ``add_special_tokens=False`` because templates write their own BOS, so there is never a doubled BOS.
+- Plain strings are concatenated, prompt + completion, and tokenized as the tokenizer normally would
+  (a BOS only if the tokenizer adds one; a BOS already typed into the prompt is not doubled).
+- The prompt/completion boundary is found on the tokenized whole: the longest common prefix of
+  tokenize(prompt + chosen), tokenize(prompt + rejected) and tokenize(prompt). A BPE merge across the
+  boundary therefore moves the boundary, never the labels; chosen and rejected share one prompt.
+- Each completion ends with exactly one end token: anything a template writes after its end-of-turn
+  token (ChatML's trailing newline) is dropped, and the tokenizer's EOS is appended only when the
+  completion has no end token at all.
+- Truncation to ``max_length`` takes tokens from the start of the prompt first (keeping a leading BOS
+  and the latest turns), never below ``max_length // 2`` tokens of prompt, then cuts the completions'
+  ends. ``max_prompt_length`` is an extra hard cap on the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UserError
+from .readers import Pair, Skips
+
+# End-of-turn markers of common chat templates, added to the tokenizer's own EOS when present.
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|end_of_text|>", "<|endoftext|>")
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of one pair. Sequences are int32 arrays; the pair's two rows are prompt+chosen and
+    prompt+rejected."""
+
+    prompt: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+    where: str
+
+    @property
+    def pair_tokens(self) -> int:
+        """Tokens of prompt+chosen plus prompt+rejected: the conventional count, whatever the batching."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+@dataclass
+class TokenStats:
+    """What tokenization and truncation did to a dataset, reported before training starts."""
+
+    rows_read: int = 0
+    kept: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    skips: Skips = field(default_factory=Skips)
+
+    def as_dict(self) -> dict:
+        return {
+            "rows_read": self.rows_read,
+            "kept": self.kept,
+            "prompt_truncated": self.prompt_truncated,
+            "completion_truncated": self.completion_truncated,
+            "skipped": self.skips.total,
+            "skipped_by_reason": dict(self.skips.counts),
+        }
+
+
+def end_token_ids(tokenizer) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for tok in END_TOKENS:
+        if tok in vocab and tok in tokenizer.all_special_tokens:
+            ids.add(int(vocab[tok]))
+    return ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _end_once(completion: list[int], ends: set[int], eos: int | None) -> list[int]:
+    """Cut whatever follows the last end token; append EOS if there is none."""
+    for i in range(len(completion) - 1, -1, -1):
+        if completion[i] in ends:
+            return completion[: i + 1]
+    if eos is None:
+        return completion
+    return completion + [eos]
+
+
+def _render(tokenizer, pairs: list[Pair]) -> tuple[list[str], list[str], list[str], bool]:
+    """Texts of prompt, prompt+chosen, prompt+rejected, and whether the tokenizer adds special tokens."""
+    prompts, fulls_c, fulls_r = [], [], []
+    if pairs and pairs[0].conversational:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "the data holds chat messages but the model's tokenizer has no chat template; "
+                "use a chat model or convert the data to plain prompt/chosen/rejected strings"
+            )
+        for p in pairs:
+            try:
+                prompt = tokenizer.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True)
+                full_c = tokenizer.apply_chat_template(p.prompt + p.chosen, tokenize=False)
+                full_r = tokenizer.apply_chat_template(p.prompt + p.rejected, tokenize=False)
+            except Exception as e:  # jinja raises its own exception types for template errors
+                raise UserError(f"{p.where}: the chat template failed on this row ({e})") from None
+            for full in (full_c, full_r):
+                if not full.startswith(prompt):
+                    raise UserError(
+                        f"{p.where}: the chat template does not render the prompt as a prefix of the whole "
+                        "conversation, so the completion cannot be located; this template is not supported"
+                    )
+            prompts.append(prompt)
+            fulls_c.append(full_c)
+            fulls_r.append(full_r)
+        return prompts, fulls_c, fulls_r, False
+    for p in pairs:
+        prompts.append(p.prompt)
+        fulls_c.append(p.prompt + p.chosen)
+        fulls_r.append(p.prompt + p.rejected)
+    return prompts, fulls_c, fulls_r, True
+
+
+def _drop_double_bos(ids: list[int], bos: int | None) -> list[int]:
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        return ids[1:]
+    return ids
+
+
+def truncate(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    max_length: int,
+    max_prompt_length: int | None,
+    bos: int | None,
+) -> tuple[list[int], list[int], list[int], bool, bool]:
+    """Fit prompt + each completion into ``max_length`` tokens. Returns the three parts and whether the
+    prompt and the completions were cut."""
+    keep_bos = bos is not None and len(prompt) > 0 and prompt[0] == bos
+
+    def keep_last(ids: list[int], n: int) -> list[int]:
+        if len(ids) <= n:
+            return ids
+        if keep_bos and n >= 2:
+            return [ids[0]] + ids[len(ids) - (n - 1):]
+        return ids[len(ids) - n:]
+
+    p_cut = c_cut = False
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt, p_cut = keep_last(prompt, max_prompt_length), True
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest > max_length:
+        floor = min(len(prompt), max_length // 2)
+        keep = max(max_length - longest, floor)
+        if keep < len(prompt):
+            prompt, p_cut = keep_last(prompt, keep), True
+        room = max_length - len(prompt)
+        if longest > room:
+            chosen, rejected, c_cut = chosen[:room], rejected[:room], True
+    return prompt, chosen, rejected, p_cut, c_cut
+
+
+def tokenize_pairs(
+    pairs: list[Pair],
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    stats: TokenStats | None = None,
+    batch_size: int = 512,
+) -> list[TokenizedPair]:
+    """Tokenize every pair (in batches, which the Rust tokenizer runs fast) and truncate it."""
+    stats = stats if stats is not None else TokenStats()
+    ends = end_token_ids(tokenizer)
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
+    out: list[TokenizedPair] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        prompts, fulls_c, fulls_r, special = _render(tokenizer, chunk)
+        enc = lambda texts: tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]  # noqa: E731
+        ids_p, ids_c, ids_r = enc(prompts), enc(fulls_c), enc(fulls_r)
+        for pair, p_ids, c_ids, r_ids in zip(chunk, ids_p, ids_c, ids_r):
+            p_ids, c_ids, r_ids = (_drop_double_bos(x, bos) for x in (p_ids, c_ids, r_ids))
+            b = min(_common_prefix(c_ids, p_ids), _common_prefix(r_ids, p_ids))
+            prompt = c_ids[:b]
+            chosen = _end_once(c_ids[b:], ends, eos)
+            rejected = _end_once(r_ids[b:], ends, eos)
+            if not prompt:
+                stats.skips.add("empty prompt (no token to condition on)", pair.where)
+                continue
+            if chosen == rejected:
+                stats.skips.add("chosen identical to rejected", pair.where)
+                continue
+            prompt, chosen, rejected, p_cut, c_cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length, bos)
+            if not chosen or not rejected:
+                stats.skips.add("completion lost to truncation", pair.where)
+                continue
+            if chosen == rejected:
+                stats.skips.add("chosen identical to rejected after truncation", pair.where)
+                continue
+            stats.prompt_truncated += p_cut
+            stats.completion_truncated += c_cut
+            out.append(
+                TokenizedPair(
+                    np.asarray(prompt, dtype=np.int32),
+                    np.asarray(chosen, dtype=np.int32),
+                    np.asarray(rejected, dtype=np.int32),
+                    pair.where,
+                )
+            )
+    stats.kept = len(out)
+    return out

