@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ from .errors import UserError
 # the paper's small rate; LoRA trains a low-rank update from zero and needs a larger one.
 FULL_FINETUNE_LR = 5e-6
 LORA_LR = 1e-4
+
+
+def cache_root() -> Path:
+    """Where converted models and tokenized data are cached: $ORPO_CACHE, else ~/.cache/orpo."""
+    base = os.environ.get("ORPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orpo"
+    )
+    return Path(base)
 
 
 def opt(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:

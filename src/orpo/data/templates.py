@@ -169,6 +169,42 @@ def truncate(
     return prompt, chosen, rejected, p_cut, c_cut
 
 
+def tokenize_batch(
+    pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int | None = None
+) -> list[tuple[TokenizedPair | None, str | None, bool, bool]]:
+    """Tokenize and truncate a batch of pairs (the Rust tokenizer runs whole batches fast).
+
+    Returns, per pair, ``(tokenized pair or None, skip reason or None, prompt cut, completion cut)``.
+    """
+    ends = end_token_ids(tokenizer)
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    prompts, fulls_c, fulls_r, special = _render(tokenizer, pairs)
+    enc = lambda texts: tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]  # noqa: E731
+    out = []
+    for pair, p_ids, c_ids, r_ids in zip(pairs, enc(prompts), enc(fulls_c), enc(fulls_r)):
+        p_ids, c_ids, r_ids = (_drop_double_bos(x, bos) for x in (p_ids, c_ids, r_ids))
+        b = min(_common_prefix(c_ids, p_ids), _common_prefix(r_ids, p_ids))
+        prompt = c_ids[:b]
+        chosen = _end_once(c_ids[b:], ends, eos)
+        rejected = _end_once(r_ids[b:], ends, eos)
+        if not prompt:
+            out.append((None, "empty prompt (no token to condition on)", False, False))
+            continue
+        if chosen == rejected:
+            out.append((None, "chosen identical to rejected", False, False))
+            continue
+        prompt, chosen, rejected, p_cut, c_cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length, bos)
+        if not chosen or not rejected:
+            out.append((None, "completion lost to truncation", p_cut, c_cut))
+            continue
+        if chosen == rejected:
+            out.append((None, "chosen identical to rejected after truncation", p_cut, c_cut))
+            continue
+        as_ids = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
+        out.append((TokenizedPair(as_ids(prompt), as_ids(chosen), as_ids(rejected), pair.where), None, p_cut, c_cut))
+    return out
+
+
 def tokenize_pairs(
     pairs: list[Pair],
     tokenizer,
@@ -177,45 +213,17 @@ def tokenize_pairs(
     stats: TokenStats | None = None,
     batch_size: int = 512,
 ) -> list[TokenizedPair]:
-    """Tokenize every pair (in batches, which the Rust tokenizer runs fast) and truncate it."""
+    """Tokenize and truncate every pair in this process; skipped pairs are counted in ``stats``."""
     stats = stats if stats is not None else TokenStats()
-    ends = end_token_ids(tokenizer)
-    eos = tokenizer.eos_token_id
-    bos = tokenizer.bos_token_id
     out: list[TokenizedPair] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        prompts, fulls_c, fulls_r, special = _render(tokenizer, chunk)
-        enc = lambda texts: tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]  # noqa: E731
-        ids_p, ids_c, ids_r = enc(prompts), enc(fulls_c), enc(fulls_r)
-        for pair, p_ids, c_ids, r_ids in zip(chunk, ids_p, ids_c, ids_r):
-            p_ids, c_ids, r_ids = (_drop_double_bos(x, bos) for x in (p_ids, c_ids, r_ids))
-            b = min(_common_prefix(c_ids, p_ids), _common_prefix(r_ids, p_ids))
-            prompt = c_ids[:b]
-            chosen = _end_once(c_ids[b:], ends, eos)
-            rejected = _end_once(r_ids[b:], ends, eos)
-            if not prompt:
-                stats.skips.add("empty prompt (no token to condition on)", pair.where)
-                continue
-            if chosen == rejected:
-                stats.skips.add("chosen identical to rejected", pair.where)
-                continue
-            prompt, chosen, rejected, p_cut, c_cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length, bos)
-            if not chosen or not rejected:
-                stats.skips.add("completion lost to truncation", pair.where)
-                continue
-            if chosen == rejected:
-                stats.skips.add("chosen identical to rejected after truncation", pair.where)
-                continue
-            stats.prompt_truncated += p_cut
-            stats.completion_truncated += c_cut
-            out.append(
-                TokenizedPair(
-                    np.asarray(prompt, dtype=np.int32),
-                    np.asarray(chosen, dtype=np.int32),
-                    np.asarray(rejected, dtype=np.int32),
-                    pair.where,
-                )
-            )
+        for pair, (tp, reason, p_cut, c_cut) in zip(chunk, tokenize_batch(chunk, tokenizer, max_length, max_prompt_length)):
+            if reason is not None:
+                stats.skips.add(reason, pair.where)
+            else:
+                stats.prompt_truncated += p_cut
+                stats.completion_truncated += c_cut
+                out.append(tp)
     stats.kept = len(out)
     return out
