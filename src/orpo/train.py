@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -392,7 +393,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             else:
                 bad_streak += 1
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # after a skipped update torch warns; the schedule follows steps
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             step += 1
 
             if finite:

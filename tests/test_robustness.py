@@ -1,0 +1,198 @@
+"""Never lose a run: NaN steps, signals, kill -9 and resume, failed writes, safe loading defaults."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orpo.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+VOLATILE = ("time_s", "tokens_per_s")
+
+
+def read_rows(out: Path) -> list[dict]:
+    rows = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rows.append({k: v for k, v in json.loads(line).items() if k not in VOLATILE})
+    return rows
+
+
+def max_logged_step(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps, default=-1)
+
+
+def latest_checkpoint_step(out: Path) -> int:
+    d = out / "checkpoints"
+    steps = [int(p.name.split("-")[1]) for p in d.glob("step-*") if (p / "state.json").exists()] if d.is_dir() else []
+    return max(steps, default=0)
+
+
+def orpo_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "orpo", "train", *[str(a) for a in args]]
+
+
+def env() -> dict:
+    e = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+             OMP_NUM_THREADS="1")
+    return e
+
+
+def test_nan_step_is_skipped_and_never_reaches_the_weights(tmp_path, tiny_model_dir, plain_file, monkeypatch):
+    import orpo.forward as fwd
+
+    real = fwd.PolicyForward.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        out = real(self, batch)
+        return out * float("nan") if calls["n"] == 2 else out  # the second step's only micro-batch
+
+    monkeypatch.setattr(fwd.PolicyForward, "forward", poisoned)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
+               "--max-steps", "3", "--precision", "fp32", "--lr", "1e-2", "--save-steps", "1"])
+    assert rc == 0
+    rows = read_rows(out)
+    assert [r.get("skipped", False) for r in rows] == [False, True, False]
+    # the skipped step left the weights exactly as step 1 did
+    from safetensors.torch import load_file
+
+    w1 = load_file(out / "checkpoints" / "step-000002" / "trainable.safetensors")
+    w0 = load_file(out / "checkpoints" / "step-000003" / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in w0.values())
+    assert all(torch.isfinite(v).all() for v in w1.values())
+
+
+def test_nan_streak_stops_the_run_with_a_clear_message(tmp_path, tiny_model_dir, plain_file, monkeypatch, capsys):
+    import orpo.forward as fwd
+
+    real = fwd.PolicyForward.forward
+    monkeypatch.setattr(fwd.PolicyForward, "forward", lambda self, b: real(self, b) * float("inf"))
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
+               "--max-steps", "10", "--precision", "fp32", "--max-bad-steps", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "stopped at step 3: 3 steps in a row had a NaN/Inf loss or gradient" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, plain_file, monkeypatch, capsys):
+    import errno
+
+    import orpo.checkpoint as ck
+
+    out = tmp_path / "run"
+    real_save = torch.save
+    state = {"n": 0}
+
+    def flaky(obj, f, *a, **k):
+        if "step-000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", flaky)
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
+               "--max-steps", "5", "--precision", "fp32", "--save-steps", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "could not write the checkpoint (No space left on device)" in err
+    assert "previous checkpoints are intact" in err
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-000002"]  # no half-written folder left behind
+    assert rc == 2 and state["n"] == 0
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_model_dir, plain_file, capsys):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    (d / "model.safetensors").unlink()
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    rc = main(["train", "--model", str(d), "--data", str(plain_file), "--output-dir", str(tmp_path / "o"),
+               "--max-steps", "1"])
+    assert rc == 2 and "--allow-pickle" in capsys.readouterr().err
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, tiny_model_dir, conv_file):
+    common = ["--model", tiny_model_dir, "--data", conv_file, "--precision", "fp32", "--scheduler", "constant",
+              "--warmup-steps", 0, "--lr", 1e-3, "--max-steps", 40, "--save-steps", 1000, "--batch-size", 1]
+    ref = tmp_path / "ref"
+    subprocess.run(orpo_cmd(*common, "--output-dir", ref), env=env(), check=True, capture_output=True)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(orpo_cmd(*common, "--output-dir", out), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "Resume with:" in stdout and "--resume" in stdout
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 3 <= stopped_at < 40
+    subprocess.run(orpo_cmd(*common, "--output-dir", out, "--resume"), env=env(), check=True, capture_output=True)
+    assert read_rows(out) == read_rows(ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_random_points_then_resume_is_exact(tmp_path, tiny_model_dir, conv_file, seed):
+    """A real subprocess is SIGKILLed at random moments (saves happen every other step, so kills land
+    during saves too); each time it is resumed; the final metrics and weights equal an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = ["--model", tiny_model_dir, "--data", conv_file, "--precision", "fp32", "--scheduler", "cosine",
+              "--warmup-steps", 2, "--lr", 1e-3, "--max-steps", 30, "--save-steps", 2, "--batch-size", 1]
+    ref = tmp_path / "ref"
+    subprocess.run(orpo_cmd(*common, "--output-dir", ref), env=env(), check=True, capture_output=True)
+    out = tmp_path / "run"
+    rng = random.Random(seed)
+    kills = 0
+    args = orpo_cmd(*common, "--output-dir", out)
+    for attempt in range(4):  # three random kills, then it runs to the end
+        start = latest_checkpoint_step(out)
+        proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # wait until this process has trained a step past its checkpoint, then kill at a random moment
+        t0 = time.time()
+        while proc.poll() is None and max_logged_step(out) <= start and time.time() - t0 < 120:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if attempt == 3:
+            proc.wait(timeout=600)
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
+        args = orpo_cmd(*common, "--output-dir", out, "--resume")
+    else:
+        pytest.fail("run never finished")
+    assert kills >= 1
+    assert read_rows(out) == read_rows(ref)
+    wa, wb = load_file(ref / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
