@@ -196,3 +196,64 @@ def test_kill_9_at_random_points_then_resume_is_exact(tmp_path, tiny_model_dir, 
     assert read_rows(out) == read_rows(ref)
     wa, wb = load_file(ref / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+CORPUS = Path(__file__).parent / "corpus" / "bad"
+EXPECTED = json.loads((CORPUS / "EXPECTED.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_input_corpus_gives_one_located_line(name, tmp_path, tiny_model_dir, capsys):
+    """Every fatal data problem: exit 2, one line on stderr naming file, line and field, no traceback,
+    and it happens before anything is written to the output folder."""
+    import re
+
+    out = tmp_path / "out"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(CORPUS / name), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orpo: error: "), err
+    assert re.search(EXPECTED[name], lines[0]), lines[0]
+    assert "Traceback" not in err
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+def test_suspect_rows_are_skipped_and_summarised_or_fatal_with_strict(tmp_path, tiny_model_dir, capsys):
+    f = CORPUS / "suspect_rows.jsonl"
+    out = tmp_path / "out"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(f), "--output-dir", str(out), "--max-steps", "1",
+               "--precision", "fp32"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "5 rows, 3 pairs kept" in text and "1 chosen identical to rejected (e.g. " in text and "suspect_rows.jsonl:2" in text
+    counts = json.loads((out / "data_counts.json").read_text())["train"]
+    assert counts["skipped_by_reason"] == {"chosen identical to rejected": 1, "empty completion": 1}
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(f), "--output-dir", str(tmp_path / "o2"), "--strict"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--strict" in err and "suspect_rows.jsonl:2" in err
+
+
+def test_unwritable_output_dir_fails_before_heavy_work(tmp_path, tiny_model_dir, plain_file, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "file").write_text("x")
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(ro / "file" / "sub")])
+    assert rc == 2 and "output folder is not writable" in capsys.readouterr().err
+
+
+def test_missing_model_fails_fast(tmp_path, plain_file, capsys):
+    rc = main(["train", "--model", str(tmp_path / "nope"), "--data", str(plain_file), "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "model not found" in capsys.readouterr().err
+
+
+def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path, tiny_model_dir, plain_file, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
+                 "--max-steps", "1", "--precision", "fp32"]) == 0
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(CORPUS / "wrong_type.jsonl"),
+               "--output-dir", str(out), "--overwrite"])
+    assert rc == 2
+    after = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert before == after

@@ -140,11 +140,18 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path:
             probe.unlink()
         except OSError as e:
             raise UserError(f"{out}: output folder is not writable ({e.strerror or e})") from None
-        if cfg.overwrite:
-            for n in existing:
-                p = out / n
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
     return out
+
+
+def clear_previous_run(out: Path) -> None:
+    """--overwrite: remove the old run's files. Called only once data and model have loaded, so a
+    mistake in the new command never costs the old run."""
+    for n in RUN_FILES:
+        p = out / n
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
@@ -318,6 +325,8 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     elif cfg.resume:
         say(f"{ckpt_dir}: no checkpoint to resume from; starting at step 0")
     if is_main:
+        if cfg.overwrite:
+            clear_previous_run(out)
         if start_step == 0 and metrics_path.exists():
             metrics_path.unlink()
         dump_yaml(cfg, out / "config.yaml")
