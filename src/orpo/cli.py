@@ -137,6 +137,8 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
         print(f"orpo: no arguments, so running the default job ({yaml_path})", flush=True)
     cfg = C.build(overrides, yaml_path)
     result = train(cfg, argv_for_resume=[a for a in argv if a not in ("--overwrite", "--resume")] or None)
+    if not result.is_main:
+        return 0
     print(f"\nmetrics: {result.output_dir / 'metrics.jsonl'}")
     print(f"model:   {result.model_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
     if cfg.lora:

@@ -253,6 +253,7 @@ class RunResult:
     eval_metrics: dict
     answer_accuracy: tuple[float, float] | None
     model_dir: Path
+    is_main: bool = True
 
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
@@ -266,7 +267,10 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     # (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    # Several processes without CUDA (torchrun / accelerate launch on CPUs): Accelerate needs cpu=True
+    # to set up gloo instead of trying a GPU backend.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=multi_cpu)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
@@ -441,6 +445,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 eval_last = run_eval(step)
                 progress.note(_eval_line(eval_last))
 
+            if world > 1:  # every process must stop at the same step, whichever got the signal
+                flag = torch.tensor([float(stop.flag)], device=device)
+                stop.flag = bool(accelerator.reduce(flag, "max").item())
             if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or stop.flag:
                 _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, time.time() - t0, is_main, rank)
             if stop.flag:
@@ -479,7 +486,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         model_dir = out / "model"
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, step, last_row, eval_last, accuracy, model_dir)
+    return RunResult(out, step, last_row, eval_last, accuracy, model_dir, is_main)
 
 
 class _nullcontext:
