@@ -162,3 +162,29 @@ def test_eval_command_prints_json(tmp_path, tiny_model_dir, conv_file, capsys):
     m = json.loads(last)
     assert m["eval_pairs"] == 12 and 0 <= m["eval_rewards/accuracies"] <= 1
     assert math.isfinite(m["eval_loss"])
+
+
+def test_report_to_tensorboard_writes_events(tmp_path, tiny_model_dir, plain_file):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", out, "--max-steps", 2,
+                    "--precision", "fp32", "--report-to", "tensorboard"]) == 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "loss" in acc.Tags()["scalars"] and len(acc.Scalars("loss")) == 2
+    assert (out / "metrics.jsonl").exists()
+
+
+def test_missing_tracker_names_the_install_command(tmp_path, tiny_model_dir, plain_file, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--report-to", "wandb"])
+    assert rc == 2 and "pip install wandb" in capsys.readouterr().err
+    rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--report-to", "tensorbord"])
+    assert rc == 2 and "did you mean 'tensorboard'" in capsys.readouterr().err

@@ -162,6 +162,12 @@ class TrainConfig:
     eval_samples: int = opt(
         4, "Held-out prompts whose greedy answers are saved before and after training.", "run"
     )
+    report_to: str = opt(
+        "none",
+        "Also send metrics to these trackers (comma-separated): tensorboard, mlflow, wandb, trackio. "
+        "metrics.jsonl is always written.",
+        "run",
+    )
 
     # ---------------------------------------------------------------------------------------------
     def resolved_lr(self) -> float:
@@ -186,7 +192,7 @@ class TrainConfig:
 # and how long to train (the schedule follows --max-steps, so extending a run with a decaying schedule
 # changes the learning rates of the remaining steps, as the user asked).
 NOT_IN_FINGERPRINT = frozenset({"output_dir", "overwrite", "resume", "logging_steps", "save_steps", "save_total_limit",
-                                "eval_steps", "eval_samples", "max_steps", "max_bad_steps"})
+                                "eval_steps", "eval_samples", "max_steps", "max_bad_steps", "report_to"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +318,24 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if v is not None:
             need(v >= 1, f"{name} must be >= 1; got {v}")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one")
+    for name in report_targets(cfg):
+        need(name in TRACKERS, f"report_to: unknown tracker '{name}'; choose from none, {', '.join(TRACKERS)}"
+             f"{suggest(name, list(TRACKERS))}")
     return cfg
+
+
+# tracker name -> (module that must be importable, pip package that provides it)
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "mlflow"),
+    "wandb": ("wandb", "wandb"),
+    "trackio": ("trackio", "trackio"),
+}
+
+
+def report_targets(cfg: TrainConfig) -> list[str]:
+    names = [n.strip() for n in cfg.report_to.split(",") if n.strip()]
+    return [] if names in ([], ["none"]) else names
 
 
 def load_yaml(path: str | Path) -> dict:

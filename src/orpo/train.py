@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, dump_yaml
+from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data import collate
 from .data.prepare import Rows, check_usable, read_rows, report_line, tokenize_rows
 from .data.batching import nll_tokens
@@ -143,6 +143,18 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path:
     return out
 
 
+def check_trackers(cfg: TrainConfig) -> list[str]:
+    """The trackers asked for, each checked to be installed before any heavy work."""
+    import importlib.util
+
+    names = report_targets(cfg)
+    for name in names:
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--report-to {name}: the {package} package is not installed; run: pip install {package}")
+    return names
+
+
 def clear_previous_run(out: Path) -> None:
     """--overwrite: remove the old run's files. Called only once data and model have loaded, so a
     mistake in the new command never costs the old run."""
@@ -219,6 +231,14 @@ class StopRequested:
         return False
 
 
+def _log(accelerator, path: Path, row: dict, is_main: bool) -> None:
+    """One metrics row: always to metrics.jsonl, and to the trackers if any."""
+    if is_main:
+        _append_jsonl(path, row)
+    if accelerator.trackers:
+        accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
+
+
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
@@ -270,7 +290,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     # Several processes without CUDA (torchrun / accelerate launch on CPUs): Accelerate needs cpu=True
     # to set up gloo instead of trying a GPU backend.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=multi_cpu)
+    trackers = check_trackers(cfg)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=multi_cpu,
+                              log_with=trackers or None, project_dir=cfg.output_dir if trackers else None)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
@@ -335,6 +357,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             metrics_path.unlink()
         dump_yaml(cfg, out / "config.yaml")
         (out / "data_counts.json").write_text(json.dumps(data_counts, indent=1))
+    if trackers:
+        accelerator.init_trackers("orpo", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                  for k, v in cfg.to_dict().items()})
 
     autocast = accelerator.autocast
 
@@ -346,8 +371,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             autocast=autocast, reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(),
         )
         row = {"step": step, "epoch": round(min(step, total_steps) / plan.steps_per_epoch, 4), **m}
-        if is_main:
-            _append_jsonl(metrics_path, row)
+        _log(accelerator, metrics_path, row, is_main)
         return row
 
     # --- before: greedy answers on held-out prompts -----------------------------------------------
@@ -425,8 +449,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 if not finite:
                     row["skipped"] = True
                     row.update({k: v for k, v in summarize(vec_all, cfg.beta).items()})
-                if is_main:
-                    _append_jsonl(metrics_path, row)
+                _log(accelerator, metrics_path, row, is_main)
                 progress.update(step, row)
                 last_row = row
                 window, window_tokens, window_start = None, 0, now
