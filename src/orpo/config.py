@@ -90,7 +90,10 @@ class TrainConfig:
         "prompt never shrinks below half of --max-length to make room for its completions.",
         "data",
     )
-    max_rows: Optional[int] = opt(None, "Use only the first N rows of --data.", "data")
+    max_rows: Optional[int] = opt(None, "Use only N rows of --data (the first N, or a random sample with --shuffle-seed).", "data")
+    shuffle_seed: Optional[int] = opt(
+        None, "Seed for sampling --max-rows rows at random and for the data order (default: --seed).", "data"
+    )
     eval_max_rows: Optional[int] = opt(256, "Use only the first N rows of --eval-data.", "data")
     strict: bool = opt(False, "Make skipped rows (identical pair, empty completion) fatal.", "data")
     prompt_in_nll: bool = opt(

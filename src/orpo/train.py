@@ -27,8 +27,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data import collate
-from .data.prepare import Rows, check_usable, read_rows, report_line, tokenize_rows
-from .data.batching import nll_tokens
+from .data.prepare import Rows, check_usable, report_line, scan_rows, tokenize_rows
+from .data.store import TokenStore
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
 from .errors import UserError
 from .evaluate import evaluate_pairs, generate
@@ -170,25 +170,25 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     """Read and check every training and eval row; no tokenizer needed, so this runs before any heavy
     work and a bad row fails in seconds."""
     builtin = cfg.data is None
-    train = read_rows(cfg.data, cfg.max_rows, builtin_pairs(cfg.seed) if builtin else None)
+    train = scan_rows(cfg.data, cfg.max_rows, cfg.shuffle_seed, builtin_pairs(cfg.seed) if builtin else None)
     evals = None
     if cfg.eval_data is not None:
-        evals = read_rows(cfg.eval_data, cfg.eval_max_rows)
+        evals = scan_rows(cfg.eval_data, cfg.eval_max_rows)
     elif builtin:
-        evals = read_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
+        evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
     for rows in (train, evals):
         if rows is not None and cfg.strict and rows.skips.total:
             raise UserError(f"{rows.name}: --strict: {rows.skips.summary()}")
     return train, evals
 
 
-def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str) -> tuple[list, dict]:
+def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str) -> tuple[TokenStore | None, dict]:
     if rows is None:
-        return [], {}
-    tokens, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    check_usable(rows.name, tokens, stats, cfg.strict)
+        return None, {}
+    store, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    check_usable(rows.name, store, stats, cfg.strict)
     say(f"{tag}: {report_line(rows.name, stats)}")
-    return tokens, stats.as_dict()
+    return store, stats.as_dict()
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -324,7 +324,8 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     mode = "blocks" if cfg.attention in ("auto", "blocks") else "mask"
     policy = PolicyForward(model, attention_mode=mode, chunk=cfg.logits_chunk)
 
-    plan = StepPlan(len(train_pairs), cfg.batch_size, cfg.grad_accum, world, cfg.seed, cfg.epochs, cfg.max_steps)
+    data_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else cfg.seed
+    plan = StepPlan(len(train_pairs), cfg.batch_size, cfg.grad_accum, world, data_seed, cfg.epochs, cfg.max_steps)
     total_steps = plan.total_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     optimizer = make_optimizer(model, cfg)
@@ -364,7 +365,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     autocast = accelerator.autocast
 
     def run_eval(step: int) -> dict:
-        mine = eval_pairs[rank::world]
+        mine = eval_pairs[rank::world] if eval_pairs is not None else []
         m = evaluate_pairs(
             policy, mine, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 2),
             prefix_sharing=cfg.prefix_sharing, packing=cfg.packing, pad_id=pad_id, device=device,
@@ -401,9 +402,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         while step < total_steps:
             micro = plan.micro_batches(step, rank)
             step_idx = plan.step_pairs(step)
-            nll_norm = float(sum(nll_tokens(train_pairs[i], cfg.prompt_in_nll) for i in step_idx))
+            nll_norm = float(train_pairs.nll_tokens(step_idx, cfg.prompt_in_nll))
             pair_norm = float(len(step_idx))
-            step_tokens = sum(train_pairs[i].pair_tokens for i in step_idx)
+            step_tokens = train_pairs.pair_tokens(step_idx)
             vec = torch.zeros(12, dtype=torch.float64)
             for m, idx in enumerate(micro):
                 weight = 1.0

@@ -1,9 +1,15 @@
-"""From a data source to tokenized pairs: read and check every row first, then tokenize in parallel,
-cached by content.
+"""From a data source to tokenized pairs, in two streaming passes.
 
-The cache key is the hash of the source's bytes, the row limit, the tokenizer (its vocabulary, merges
-and chat template) and the truncation settings; the entry holds the token ids and the counts. A second
-run over the same file with the same tokenizer starts training without tokenizing anything.
+1. ``scan_rows`` reads and checks every row (no tokenizer needed, so it runs before any heavy work and
+   a bad row fails in seconds), counts skips, and, with ``shuffle_seed`` and ``max_rows``, draws a
+   uniform random sample of rows (reservoir sampling, so memory stays bounded by the sample).
+2. ``tokenize_rows`` reads the kept rows again in chunks, tokenizes each chunk (in parallel with
+   ``datasets.map(num_proc=...)`` when it is large) and appends it to a memory-mapped
+   :class:`TokenStore`. Neither pass holds the raw dataset in memory.
+
+Both results are cached by content: the scan by the hash of the source bytes and the row selection,
+the tokens by that plus the tokenizer (vocabulary, merges, chat template) and the truncation settings.
+A second run over the same file starts training without reading or tokenizing it again.
 """
 
 from __future__ import annotations
@@ -11,34 +17,57 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..config import cache_root
 from ..errors import UserError
-from .readers import Pair, Skips, load_pairs
+from .readers import Pair, Skips, iter_pairs
+from .store import META, StoreWriter, TokenStore
 from .templates import TokenizedPair, TokenStats, tokenize_batch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CHUNK_ROWS = 8192  # rows tokenized per chunk
 PARALLEL_MIN_ROWS = 4000  # below this, worker start-up costs more than it saves
 
 
 @dataclass
 class Rows:
-    """Checked rows of one source, before tokenization."""
+    """The checked rows of one source, ready to be streamed to the tokenizer."""
 
-    pairs: list[Pair]
-    skips: Skips
-    n_read: int
     name: str
-    key: str  # hash of the source content and row limit
+    key: str  # identifies the content and the row selection
+    n_read: int
+    skips: Skips
+    source: str | None = None
+    max_rows: int | None = None
+    selected: np.ndarray | None = None  # sorted row indices drawn by sampling (None: all rows read)
+    pairs: list[Pair] | None = field(default=None, repr=False)  # in-memory rows (the built-in data)
+    cacheable: bool = True
+
+    def __iter__(self) -> Iterator[tuple[int, Pair]]:
+        """(row index, pair) for every usable row, in source order."""
+        if self.pairs is not None:
+            yield from enumerate(self.pairs)
+            return
+        keep = set(self.selected.tolist()) if self.selected is not None else None
+        limit = None if keep is not None else self.max_rows
+        for i, _where, pair, _reason in iter_pairs(self.source, limit):
+            if pair is not None and (keep is None or i in keep):
+                yield i, pair
 
 
-def _hash_source(path: Path, max_rows: int | None) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|rows={max_rows}|".encode())
+def _tokens_dir() -> Path:
+    return cache_root() / "tokens"
+
+
+def _hash_source(path: Path) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|".encode())
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
@@ -48,14 +77,76 @@ def _hash_source(path: Path, max_rows: int | None) -> str:
     return h.hexdigest()
 
 
-def read_rows(source: str | Path | None, max_rows: int | None = None, pairs: list[Pair] | None = None,
-              label: str | None = None) -> Rows:
-    """Read and check every row (fatal problems raise UserError naming file, line and field)."""
+def _atomic_write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only makes the next run slower
+
+
+def scan_rows(source: str | Path | None, max_rows: int | None = None, shuffle_seed: int | None = None,
+              pairs: list[Pair] | None = None, label: str | None = None) -> Rows:
+    """Check every row of ``source`` (or take ``pairs``) and decide which rows are used."""
     if pairs is not None:
         key = hashlib.sha256(repr([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode()).hexdigest()
-        return Rows(pairs, Skips(), len(pairs), label or "built-in dataset", key)
-    got, skips, n_read = load_pairs(source, max_rows)
-    return Rows(got, skips, n_read, label or str(source), _hash_source(Path(source), max_rows))
+        return Rows(label or "built-in dataset", key, len(pairs), Skips(), pairs=pairs)
+    source = str(source)
+    path = Path(source)
+    name = label or source
+    local = path.exists()
+    base = _hash_source(path) if local else hashlib.sha256(f"hub|{source}".encode()).hexdigest()
+    sel = f"rows={max_rows}|shuffle={shuffle_seed if max_rows is not None else None}"
+    key = hashlib.sha256(f"{base}|{sel}".encode()).hexdigest()
+    marker = _tokens_dir() / f"{key[:32]}.rows.json"
+    if local and marker.is_file():
+        try:
+            m = json.loads(marker.read_text())
+            skips = Skips(counts=m["skips"], examples=m["examples"])
+            selected = np.asarray(m["selected"], dtype=np.int64) if m["selected"] is not None else None
+            return Rows(name, key, m["n_read"], skips, source, max_rows, selected, cacheable=True)
+        except (ValueError, KeyError):
+            pass
+
+    skips = Skips()
+    selected = None
+    if shuffle_seed is not None and max_rows is not None:
+        # Algorithm R over the whole file: a uniform sample of max_rows rows, in bounded memory.
+        rng = np.random.default_rng(shuffle_seed)
+        reservoir: list[int] = []
+        reasons: dict[int, tuple[str, str]] = {}
+        n = 0
+        for i, where, _pair, reason in iter_pairs(source, None):
+            n += 1
+            if len(reservoir) < max_rows:
+                slot = len(reservoir)
+                reservoir.append(i)
+            else:
+                slot = int(rng.integers(0, i + 1))
+                if slot >= max_rows:
+                    continue
+                reasons.pop(reservoir[slot], None)
+                reservoir[slot] = i
+            if reason is not None:
+                reasons[i] = (where, reason)
+        selected = np.sort(np.asarray(reservoir, dtype=np.int64))
+        for i in selected.tolist():
+            if i in reasons:
+                skips.add(reasons[i][1], reasons[i][0])
+        n_read = len(selected)
+    else:
+        n_read = 0
+        for _i, where, _pair, reason in iter_pairs(source, max_rows):
+            n_read += 1
+            if reason is not None:
+                skips.add(reason, where)
+    if local:
+        _atomic_write(marker, json.dumps({"n_read": n_read, "skips": skips.counts, "examples": skips.examples,
+                                          "selected": selected.tolist() if selected is not None else None}))
+    return Rows(name, key, n_read, skips, source, max_rows, selected, cacheable=local)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -71,49 +162,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _cache_dir() -> Path:
-    return cache_root() / "tokens"
-
-
-def _save(path: Path, tokens: list[TokenizedPair], stats: TokenStats) -> None:
-    def flat(parts):
-        lens = np.array([len(x) for x in parts], dtype=np.int64)
-        return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), lens
-
-    p, pl = flat([t.prompt for t in tokens])
-    c, cl = flat([t.chosen for t in tokens])
-    r, rl = flat([t.rejected for t in tokens])
-    meta = {"stats": stats.as_dict(), "examples": stats.skips.examples, "where": [t.where for t in tokens]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, p=p, pl=pl, c=c, cl=cl, r=r, rl=rl, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)  # a cache that cannot be written is only a slower next run
-
-
-def _load(path: Path) -> tuple[list[TokenizedPair], TokenStats] | None:
-    try:
-        z = np.load(path)
-        meta = json.loads(bytes(z["meta"]).decode())
-    except (OSError, ValueError, KeyError):
-        return None
-
-    def split(flat, lens):
-        return np.split(flat, np.cumsum(lens)[:-1]) if len(lens) else []
-
-    tokens = [TokenizedPair(a, b, c, w) for a, b, c, w in
-              zip(split(z["p"], z["pl"]), split(z["c"], z["cl"]), split(z["r"], z["rl"]), meta["where"])]
-    s = meta["stats"]
-    stats = TokenStats(rows_read=s["rows_read"], kept=s["kept"], prompt_truncated=s["prompt_truncated"],
-                       completion_truncated=s["completion_truncated"])
-    stats.skips.counts = dict(s["skipped_by_reason"])
-    stats.skips.examples = {k: list(v) for k, v in meta["examples"].items()}
-    return tokens, stats
-
-
 def _encode(x):
     return x if isinstance(x, str) else json.dumps(x)
 
@@ -123,72 +171,109 @@ def _map_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int |
     decode = (lambda v: json.loads(v)) if batch["conv"][0] else (lambda v: v)  # noqa: E731
     pairs = [Pair(decode(p), decode(c), decode(r), w)
              for p, c, r, w in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["where"])]
-    out = {"p": [], "c": [], "r": [], "skip": [], "p_cut": [], "c_cut": [], "where": []}
-    for pair, (tp, reason, p_cut, c_cut) in zip(pairs, tokenize_batch(pairs, tokenizer, max_length, max_prompt_length)):
+    out = {"p": [], "c": [], "r": [], "skip": [], "p_cut": [], "c_cut": []}
+    for tp, reason, p_cut, c_cut in tokenize_batch(pairs, tokenizer, max_length, max_prompt_length):
         out["p"].append(tp.prompt.tolist() if tp else [])
         out["c"].append(tp.chosen.tolist() if tp else [])
         out["r"].append(tp.rejected.tolist() if tp else [])
         out["skip"].append(reason or "")
         out["p_cut"].append(p_cut)
         out["c_cut"].append(c_cut)
-        out["where"].append(pair.where)
     return out
 
 
-def _tokenize_all(pairs: list[Pair], tokenizer, max_length, max_prompt_length, num_proc: int):
-    """Yield ``(where, tokenized or None, skip reason, p_cut, c_cut)`` for every pair, in order."""
+def _tokenize_chunk(pairs: list[Pair], tokenizer, max_length, max_prompt_length, num_proc: int):
+    """Per pair of the chunk: (tokenized or None, skip reason, prompt cut, completion cut)."""
     if num_proc <= 1 or len(pairs) < PARALLEL_MIN_ROWS:
+        out = []
         for s in range(0, len(pairs), 512):
-            chunk = pairs[s : s + 512]
-            for pair, res in zip(chunk, tokenize_batch(chunk, tokenizer, max_length, max_prompt_length)):
-                yield (pair.where, *res)
-        return
+            out += tokenize_batch(pairs[s : s + 512], tokenizer, max_length, max_prompt_length)
+        return out
     import datasets
 
-    conv = pairs[0].conversational
     ds = datasets.Dataset.from_dict({
         "prompt": [_encode(p.prompt) for p in pairs], "chosen": [_encode(p.chosen) for p in pairs],
         "rejected": [_encode(p.rejected) for p in pairs], "where": [p.where for p in pairs],
-        "conv": [conv] * len(pairs),
+        "conv": [pairs[0].conversational] * len(pairs),
     })
     mapped = ds.map(_map_batch, batched=True, batch_size=256, num_proc=num_proc, remove_columns=ds.column_names,
                     fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_prompt_length": max_prompt_length},
-                    keep_in_memory=True, desc=None)
-    for row in mapped:
-        if row["skip"]:
-            yield row["where"], None, row["skip"], row["p_cut"], row["c_cut"]
-        else:
-            as_ids = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
-            yield row["where"], TokenizedPair(as_ids(row["p"]), as_ids(row["c"]), as_ids(row["r"]), row["where"]), None, row["p_cut"], row["c_cut"]
+                    keep_in_memory=True)
+    as_ids = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
+    return [(None if r["skip"] else TokenizedPair(as_ids(r["p"]), as_ids(r["c"]), as_ids(r["r"]), p.where),
+             r["skip"] or None, r["p_cut"], r["c_cut"]) for p, r in zip(pairs, mapped)]
+
+
+def _chunks(rows: Rows) -> Iterator[list[tuple[int, Pair]]]:
+    chunk: list[tuple[int, Pair]] = []
+    for item in rows:
+        chunk.append(item)
+        if len(chunk) >= CHUNK_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _stats_from_meta(meta: dict) -> TokenStats:
+    s = meta["stats"]
+    stats = TokenStats(rows_read=s["rows_read"], kept=s["kept"], prompt_truncated=s["prompt_truncated"],
+                       completion_truncated=s["completion_truncated"])
+    stats.skips = Skips(counts=dict(s["skipped_by_reason"]), examples={k: list(v) for k, v in meta["examples"].items()})
+    return stats
 
 
 def tokenize_rows(rows: Rows, tokenizer, max_length: int, max_prompt_length: int | None = None,
-                  num_proc: int | None = None, cache: bool = True) -> tuple[list[TokenizedPair], TokenStats]:
-    """Tokenize checked rows, from the cache when this exact work was done before."""
+                  num_proc: int | None = None, cache: bool = True) -> tuple[TokenStore, TokenStats]:
+    """Tokenize and truncate the rows into a :class:`TokenStore` (from the cache if done before)."""
     key = hashlib.sha256(
         f"{rows.key}|{tokenizer_fingerprint(tokenizer)}|{max_length}|{max_prompt_length}|v{CACHE_VERSION}".encode()
     ).hexdigest()[:32]
-    path = _cache_dir() / f"{key}.npz"
-    if cache and path.is_file():
-        hit = _load(path)
-        if hit is not None:
-            return hit
-    stats = TokenStats(rows_read=rows.n_read)
-    stats.skips.counts = dict(rows.skips.counts)
-    stats.skips.examples = {k: list(v) for k, v in rows.skips.examples.items()}
-    tokens = []
+    folder = _tokens_dir() / key
+    use_cache = cache and rows.cacheable
+    if use_cache and (folder / META).is_file():
+        try:
+            return TokenStore.open(folder, rows.name), _stats_from_meta(json.loads((folder / META).read_text()))
+        except (OSError, ValueError, KeyError):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    stats = TokenStats(rows_read=rows.n_read, skips=Skips(counts=dict(rows.skips.counts),
+                                                          examples={k: list(v) for k, v in rows.skips.examples.items()}))
     workers = num_proc if num_proc is not None else min(8, os.cpu_count() or 1)
-    for where, tp, reason, p_cut, c_cut in _tokenize_all(rows.pairs, tokenizer, max_length, max_prompt_length, workers):
-        if tp is None:
-            stats.skips.add(reason, where)
-            continue
-        stats.prompt_truncated += p_cut
-        stats.completion_truncated += c_cut
-        tokens.append(tp)
-    stats.kept = len(tokens)
-    if cache:
-        _save(path, tokens, stats)
-    return tokens, stats
+    memory: list[TokenizedPair] = []
+    writer = None
+    tmp = None
+    if use_cache:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        writer = StoreWriter(tmp)
+    try:
+        for chunk in _chunks(rows):
+            results = _tokenize_chunk([p for _, p in chunk], tokenizer, max_length, max_prompt_length, workers)
+            for (row, pair), (tp, reason, p_cut, c_cut) in zip(chunk, results):
+                if tp is None:
+                    stats.skips.add(reason, pair.where)
+                    continue
+                stats.kept += 1
+                stats.prompt_truncated += p_cut
+                stats.completion_truncated += c_cut
+                if writer is not None:
+                    writer.add(tp, row)
+                else:
+                    memory.append(tp)
+        if writer is None:
+            return TokenStore.from_pairs(memory, rows.name), stats
+        writer.close({"stats": stats.as_dict(), "examples": stats.skips.examples})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        tmp = None
+        return TokenStore.open(folder, rows.name), stats
+    finally:
+        if tmp is not None:
+            if writer is not None:
+                writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report_line(name: str, stats: TokenStats) -> str:
@@ -197,10 +282,10 @@ def report_line(name: str, stats: TokenStats) -> str:
     return line + (f" ({stats.skips.summary()})" if stats.skips.total else "")
 
 
-def check_usable(name: str, tokens: list[TokenizedPair], stats: TokenStats, strict: bool) -> None:
+def check_usable(name: str, store: TokenStore, stats: TokenStats, strict: bool) -> None:
     if strict and stats.skips.total:
         raise UserError(f"{name}: --strict: {stats.skips.summary()}")
-    if not tokens:
+    if len(store) == 0:
         raise UserError(f"{name}: no usable pairs left after checking and truncation")
 
 
@@ -214,11 +299,12 @@ def prepare_pairs(
     pairs: list[Pair] | None = None,
     label: str | None = None,
     cache: bool = True,
-) -> tuple[list[TokenizedPair], TokenStats, str]:
-    """Read, check, tokenize and truncate in one call. Returns (pairs, stats, one-line report)."""
-    rows = read_rows(source, max_rows, pairs, label)
+    shuffle_seed: int | None = None,
+) -> tuple[TokenStore, TokenStats, str]:
+    """Scan, check, tokenize and truncate in one call. Returns (store, stats, one-line report)."""
+    rows = scan_rows(source, max_rows, shuffle_seed, pairs, label)
     if strict and rows.skips.total:
         raise UserError(f"{rows.name}: --strict: {rows.skips.summary()}")
-    tokens, stats = tokenize_rows(rows, tokenizer, max_length, max_prompt_length, cache=cache)
-    check_usable(rows.name, tokens, stats, strict)
-    return tokens, stats, report_line(rows.name, stats)
+    store, stats = tokenize_rows(rows, tokenizer, max_length, max_prompt_length, cache=cache)
+    check_usable(rows.name, store, stats, strict)
+    return store, stats, report_line(rows.name, stats)
