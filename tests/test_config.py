@@ -92,6 +92,22 @@ def test_every_shipped_yaml_loads():
 
     root = Path(__file__).resolve().parents[1]
     files = list((root / "configs").glob("*.yaml")) + list((Path(orpo.__file__).parent / "recipes").glob("*.yaml"))
-    assert files, "no shipped configs found"
+    assert len(files) >= 8, files
     for f in files:
         C.build(yaml_path=f)
+
+
+def test_every_accelerate_config_is_valid():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"fsdp", "deepspeed-zero2", "deepspeed-zero3", "multi-gpu-ddp"}
+    for f in files:
+        cfg = ClusterConfig.from_yaml_file(str(f))
+        assert cfg.distributed_type is not None and cfg.mixed_precision == "bf16"
+        if "deepspeed" in f.stem:
+            assert cfg.deepspeed_config["zero_stage"] in (2, 3)
+        if f.stem == "fsdp":
+            assert cfg.fsdp_config["fsdp_activation_checkpointing"] is True

@@ -164,3 +164,11 @@ def test_shared_hh_rlhf_conv_reads():
     pairs, skips, n = load_pairs(f, max_rows=200)
     assert n == 200 and len(pairs) + skips.total == 200
     assert any(len(p.prompt) > 1 for p in pairs)
+
+
+def test_prompt_string_beside_whole_conversations_uses_the_conversations(tmp_path):
+    """UltraFeedback-binarized style: "prompt" is a string and chosen/rejected are whole conversations."""
+    row = dict(CONV_ROWS[1], prompt="Which number is larger, 38 or 83?")
+    pairs, _, _ = load_pairs(write_jsonl(tmp_path / "u.jsonl", [row]))
+    assert [m["role"] for m in pairs[0].prompt] == ["user", "assistant", "user"]
+    assert pairs[0].chosen == [{"role": "assistant", "content": "83"}]

@@ -188,3 +188,26 @@ def test_missing_tracker_names_the_install_command(tmp_path, tiny_model_dir, pla
     assert rc == 2 and "pip install wandb" in capsys.readouterr().err
     rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--report-to", "tensorbord"])
     assert rc == 2 and "did you mean 'tensorboard'" in capsys.readouterr().err
+
+
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir, plain_file, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--load-in-4bit", "--lora"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--load-in-4bit"])
+    assert rc == 2 and "add --lora" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
+def test_qlora_trains_on_gpu(tmp_path, tiny_model_dir, plain_file):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    assert run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", out, "--max-steps", 2,
+                    "--load-in-4bit", "--lora", "--lora-r", 4]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert getattr(merged, "is_quantized", False) is False
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)

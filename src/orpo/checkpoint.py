@@ -156,3 +156,51 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, ra
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded engines (FSDP, DeepSpeed): each process holds a shard, so Accelerate's own state functions
+# write and read the model and optimizer; we add the schedule and our state.json, with the same
+# write-to-temporary-then-rename discipline.
+
+
+def save_sharded_checkpoint(ckpt_dir: Path, step: int, accelerator, scheduler, state: dict, keep: int) -> Path:
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".tmp-step-{step:06d}"
+    is_main = accelerator.is_main_process
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        if is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(dict(state, sharded=True), indent=1))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_tree(ckpt_dir)
+    except OSError as e:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"{final}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are intact"
+        ) from None
+    accelerator.wait_for_everyone()
+    if is_main:
+        for _, old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, accelerator, scheduler) -> dict:
+    state = json.loads((path / "state.json").read_text())
+    if not state.get("sharded"):
+        raise UserError(f"{path}: this checkpoint was written without FSDP/DeepSpeed; resume it the same way")
+    accelerator.load_state(str(path))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return state

@@ -69,6 +69,9 @@ class TrainConfig:
         "comma-separated list of module names.",
         "model",
     )
+    load_in_4bit: bool = opt(
+        False, "QLoRA: load the base weights in 4-bit NF4 (bitsandbytes, CUDA only) and train LoRA on top.", "model"
+    )
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass: less memory, about 30% more time.", "model"
     )
@@ -321,6 +324,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if v is not None:
             need(v >= 1, f"{name} must be >= 1; got {v}")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one")
+    need(not cfg.load_in_4bit or cfg.lora, "--load-in-4bit (QLoRA) trains LoRA adapters; add --lora")
     for name in report_targets(cfg):
         need(name in TRACKERS, f"report_to: unknown tracker '{name}'; choose from none, {', '.join(TRACKERS)}"
              f"{suggest(name, list(TRACKERS))}")

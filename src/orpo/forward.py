@@ -37,6 +37,8 @@ class PolicyForward(nn.Module):
         # a wrapped head) goes through the module itself.
         softcap = getattr(lm.config, "final_logit_softcapping", None) or getattr(lm.config, "logit_scale", None)
         self.plain_head = isinstance(head, nn.Linear) and type(head) is nn.Linear and not softcap
+        # FSDP's auto-wrap reads which blocks must not be split from the top module it is given.
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         lm = base_causal_lm(self.model)

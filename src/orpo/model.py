@@ -141,20 +141,46 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tok
 
 
+def check_4bit() -> None:
+    """QLoRA needs CUDA and bitsandbytes; say so before any heavy work."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--load-in-4bit (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
+                        "Drop --load-in-4bit to train LoRA on full-precision weights")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--load-in-4bit needs the bitsandbytes package; run: pip install bitsandbytes")
+
+
 def load_model(
     folder: Path,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     dtype=None,
     device=None,
+    load_in_4bit: bool = False,
 ):
-    """A causal LM with fp32 (or ``dtype``) weights and SDPA attention."""
+    """A causal LM with fp32 (or ``dtype``) weights and SDPA attention; with ``load_in_4bit``, its
+    linear layers in NF4 on the current CUDA device, ready for LoRA (QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, trust_remote_code, allow_pickle, dtype, device)
     check_weights(folder, allow_pickle)
+    extra = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        check_4bit()
+        extra = dict(
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16),
+            device_map={"": torch.cuda.current_device()},
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder),
@@ -162,13 +188,19 @@ def load_model(
             attn_implementation="sdpa",
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
+            **extra,
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{folder}: this model needs its own code; pass --trust-remote-code if you trust it") from None
         raise UserError(f"{folder}: cannot load the model ({e})") from None
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
-        raise UserError(f"{folder}: is a quantized checkpoint; orpo trains full-precision weights")
+        raise UserError(f"{folder}: is a quantized checkpoint; orpo trains full-precision weights "
+                        "(use --load-in-4bit --lora for QLoRA on a full-precision folder)")
     if device is not None:
         model.to(device)
     return model

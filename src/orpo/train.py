@@ -37,6 +37,7 @@ from .loss import metric_vector, orpo_loss, summarize
 from .model import (
     add_lora,
     base_causal_lm,
+    check_4bit,
     check_model_source,
     count_parameters,
     enable_activation_checkpointing,
@@ -278,9 +279,8 @@ class RunResult:
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType, set_seed
 
     # Accelerate keeps its settings in process-wide singletons; a second run in the same process (a
     # notebook, the tests) with another precision must start from a clean slate. The process group
@@ -290,12 +290,22 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     # Several processes without CUDA (torchrun / accelerate launch on CPUs): Accelerate needs cpu=True
     # to set up gloo instead of trying a GPU backend.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # DeepSpeed runs the accumulation itself (it steps at the boundary inside backward), so it must know
+    # the number of micro-batches; every other engine leaves accumulation to this loop.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     trackers = check_trackers(cfg)
+    if cfg.load_in_4bit:
+        check_4bit()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=multi_cpu,
-                              log_with=trackers or None, project_dir=cfg.output_dir if trackers else None)
+                              log_with=trackers or None, project_dir=cfg.output_dir if trackers else None,
+                              gradient_accumulation_steps=cfg.grad_accum if deepspeed else 1)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     device = accelerator.device
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+    if multi_cpu and any(os.environ.get(v, "false").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
+        say("note: FSDP and DeepSpeed need GPUs; on CPUs this runs as plain data parallel (gloo), same maths")
 
     out = prepare_output_dir(cfg, is_main)
     accelerator.wait_for_everyone()
@@ -313,7 +323,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         train_pairs, train_counts = tokenize_data(cfg, tokenizer, train_rows, say, "train")
         eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval")
     data_counts = {"train": train_counts, **({"eval": eval_counts} if eval_counts else {})}
-    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle)
+    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -338,13 +348,17 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     found = ckpt.list_checkpoints(ckpt_dir)
     if cfg.resume and found:
         step_done, path = found[-1]
-        state = ckpt.load_checkpoint(path, accelerator.unwrap_model(policy).model, optimizer, scheduler, rank)
-        if state.get("fingerprint") != cfg.fingerprint():
-            diff = cfg.trajectory_changes(state.get("config", {}))
+        saved = json.loads((path / "state.json").read_text())
+        if saved.get("fingerprint") != cfg.fingerprint():
+            diff = cfg.trajectory_changes(saved.get("config", {}))
             raise UserError(
                 f"{path}: this checkpoint was made with a different config ({', '.join(diff) or 'unknown fields'} "
                 "changed); resume with the same options or start a new --output-dir"
             )
+        if sharded:
+            state = ckpt.load_sharded_checkpoint(path, accelerator, scheduler)
+        else:
+            state = ckpt.load_checkpoint(path, accelerator.unwrap_model(policy).model, optimizer, scheduler, rank)
         start_step, bad_streak, elapsed_before = state["step"], state.get("bad_streak", 0), state.get("elapsed_s", 0.0)
         if is_main:
             _truncate_metrics(metrics_path, start_step)
@@ -411,13 +425,18 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 if len(idx) == 0:  # a short last step: keep every process in lockstep, add nothing
                     idx, weight = step_idx[:1], 0.0
                 batch = collate([train_pairs[i] for i in idx], cfg.prefix_sharing, cfg.packing, cfg.prompt_in_nll, pad_id).to(device)
-                sync = accelerator.no_sync(policy) if (world > 1 and m < len(micro) - 1) else _nullcontext()
+                last = m == len(micro) - 1
+                sync = accelerator.no_sync(policy) if (world > 1 and not last and not deepspeed) else _nullcontext()
                 with sync:
                     with autocast():
                         logps = policy(batch)
                     part = orpo_loss(logps, batch.pair, batch.kind, batch.n_pairs, cfg.beta, cfg.prompt_in_nll, nll_norm, pair_norm)
-                    # DDP averages gradients over processes; our loss is already a global mean.
-                    accelerator.backward(part.loss * (weight * world))
+                    # DDP/FSDP/DeepSpeed average gradients over processes, and DeepSpeed also divides by
+                    # the accumulation steps; our loss is already the step's global mean, so undo both.
+                    scale = weight * world * (cfg.grad_accum if deepspeed else 1)
+                    if deepspeed:
+                        accelerator.gradient_state._set_sync_gradients(last)
+                    accelerator.backward(part.loss * scale)
                 if weight:
                     vec += metric_vector(part, batch.n_pairs)
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -489,10 +508,14 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         eval_last = run_eval(step)
         say(_eval_line(eval_last))
     accuracy = None
+    # Sharded engines hold pieces of the weights on every process: gather them (a collective call).
+    full_state = None
+    if sharded:
+        full_state = {k[len("model."):]: v for k, v in accelerator.get_state_dict(policy).items() if k.startswith("model.")}
     if is_main:
-        model_dir = _save_final(out, accelerator.unwrap_model(policy).model, tokenizer, cfg)
+        model_dir = _save_final(out, accelerator.unwrap_model(policy).model, tokenizer, cfg, folder, full_state)
         after_answers = []
-        if questions or sample_prompts:
+        if (questions or sample_prompts) and not sharded:
             lm = base_causal_lm(accelerator.unwrap_model(policy).model)
             after_answers = generate(lm, tokenizer, [q for q, _ in questions] + sample_prompts, max_new_tokens=48, device=device)
         if questions and before_answers:
@@ -528,26 +551,44 @@ def _eval_line(row: dict) -> str:
 
 
 def _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, elapsed, is_main, rank):
+    from accelerate.utils import DistributedType
+
     state = {"step": step, "bad_streak": bad_streak, "elapsed_s": elapsed, "fingerprint": cfg.fingerprint(),
              "config": cfg.to_dict()}
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        ckpt.save_sharded_checkpoint(ckpt_dir, step, accelerator, scheduler, state, cfg.save_total_limit)
+        return
     ckpt.save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(policy).model, optimizer, scheduler, state,
                          is_main, rank, cfg.save_total_limit)
 
 
-def _save_final(out: Path, model, tokenizer, cfg: TrainConfig) -> Path:
-    """OUT/model: full weights that AutoModelForCausalLM loads (LoRA merged); OUT/adapter for LoRA."""
+def _save_final(out: Path, model, tokenizer, cfg: TrainConfig, folder: Path, state_dict: dict | None = None) -> Path:
+    """OUT/model: full weights that AutoModelForCausalLM loads (LoRA merged); OUT/adapter for LoRA.
+
+    ``state_dict`` is the gathered state of a sharded (FSDP/DeepSpeed) run. A 4-bit (QLoRA) or sharded
+    LoRA run is merged into a fresh full-precision copy of the base model, never into rounded weights.
+    """
     model_dir = out / "model"
     tmp = out / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora:
         adapter_tmp = out / ".tmp-adapter"
         shutil.rmtree(adapter_tmp, ignore_errors=True)
-        model.save_pretrained(adapter_tmp)
+        model.save_pretrained(adapter_tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(adapter_tmp)
         shutil.rmtree(out / "adapter", ignore_errors=True)
         os.replace(adapter_tmp, out / "adapter")
-        merged = model.merge_and_unload()
+        if cfg.load_in_4bit or state_dict is not None:
+            from peft import PeftModel
+
+            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            base = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, dtype=dtype)
+            merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+        else:
+            merged = model.merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
+    elif state_dict is not None:
+        base_causal_lm(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     else:
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

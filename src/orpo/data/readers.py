@@ -324,8 +324,15 @@ def normalize_row(row: Any, where: str) -> Pair:
     chosen, rejected = row["chosen"], row["rejected"]
     prompt = row.get("prompt")
 
-    if prompt is None:
-        # Format (c): implicit prompt, the shared prefix of two conversations.
+    whole_conversations = (
+        isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected
+        and isinstance(chosen[0], dict) and isinstance(rejected[0], dict)
+        and chosen[0].get("role") != "assistant" and rejected[0].get("role") != "assistant"
+    )
+    if prompt is None or whole_conversations:
+        # Format (c): implicit prompt, the shared prefix of two conversations. Many hub datasets
+        # (UltraFeedback binarized) also carry the prompt as a string beside the whole conversations;
+        # the conversations are then the truth and the string is redundant.
         if isinstance(chosen, str) or isinstance(rejected, str):
             hint = suggest("prompt", [k for k in keys if k not in FIELDS])
             raise UserError(
