@@ -75,11 +75,11 @@ def llama3_tokenizer():
     return tok
 
 
-def make_tiny_llama(vocab_size: int, seed: int = 0, tied: bool = True):
+def make_tiny_llama(vocab_size: int, seed: int = 0, tied: bool = True, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=tied, attn_implementation="sdpa", bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = LlamaForCausalLM(cfg)

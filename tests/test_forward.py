@@ -125,3 +125,21 @@ def test_gradient_checkpointing_same_gradients(tiny_model, pairs):
     policy(batch).sum().backward()
     for a, p in zip(g1, tiny_model.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["blocks", "flex", "mask"])
+def test_cuda_modes_match_reference(chatml_tokenizer, pairs, mode):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(chatml_tokenizer), hidden=64).cuda()  # FlexAttention needs head_dim >= 16
+    batch = collate(pairs, True, True, True).to("cuda")
+    got = PolicyForward(model, mode)(batch).double().cpu()
+    ref = reference_logps(model.cpu(), pairs, True)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    model.cuda()
+    beta = 0.1
+    nll = float(sum(nll_tokens(p, True) for p in pairs))
+    out = orpo_loss(PolicyForward(model, mode)(batch), batch.pair, batch.kind, batch.n_pairs, beta, True, nll, len(pairs))
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -14,7 +14,7 @@ ALLOWED = {
     "attention": set(),
     "model": {"errors", "config"},
     "progress": set(),
-    "forward": {"attention", "data", "loss", "model"},
+    "forward": {"attention", "data", "errors", "loss", "model"},
     "checkpoint": {"errors"},
     "evaluate": {"data", "forward", "loss", "model", "errors"},
     "train": {"checkpoint", "config", "data", "errors", "evaluate", "forward", "loss", "model", "progress"},

@@ -211,3 +211,14 @@ def test_qlora_trains_on_gpu(tmp_path, tiny_model_dir, plain_file):
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     assert getattr(merged, "is_quantized", False) is False
     assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
+
+
+def test_resume_with_more_steps_uses_the_new_schedule(tmp_path, tiny_model_dir, plain_file):
+    out = tmp_path / "run"
+    base = ["--model", tiny_model_dir, "--data", plain_file, "--output-dir", out, "--precision", "fp32",
+            "--lr", 1e-3, "--warmup-steps", 0, "--save-steps", 2]
+    assert run_cli(base + ["--max-steps", 2]) == 0
+    assert run_cli(base + ["--max-steps", 4, "--resume"]) == 0
+    lrs = [r["learning_rate"] for r in read_metrics(out) if "loss" in r]
+    # steps 3 and 4 of a 4-step linear decay, not the finished 2-step schedule's zero
+    assert lrs[2:] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 1 / 4])

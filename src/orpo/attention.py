@@ -20,8 +20,45 @@ import torch.nn.functional as F
 NAME = "orpo_blocks"
 
 
+_COMPILED_FLEX = None
+
+
+def _flex_attention():
+    """FlexAttention compiled once, with dynamic shapes so packed rows of new lengths reuse the kernel."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
+
+
+def flex_block_mask(layout, length: int, device):
+    """The layout as a FlexAttention BlockMask over rows padded to ``length``: one fused kernel per layer
+    that skips every fully masked 128x128 tile (GPU only: FlexAttention has no CPU backward)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = torch.full((layout.rows, length), -1, dtype=torch.int32)
+    blk = torch.zeros((layout.rows, length), dtype=torch.int32)
+    for gid, g in enumerate(layout.groups):
+        seg[g.row, g.start : g.end] = gid
+        for k, (cs, n) in enumerate(g.completions, start=1):
+            blk[g.row, cs : cs + n] = k
+    seg, blk = seg.to(device), blk.to(device)
+
+    def mask_mod(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (kv <= q) & ((blk[b, kv] == 0) | (blk[b, kv] == blk[b, q]))
+
+    return create_block_mask(mask_mod, B=layout.rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
 def block_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     """query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers expects."""
+    block_mask = kwargs.get("orpo_block_mask")
+    if block_mask is not None:
+        out = _flex_attention()(query, key, value, block_mask=block_mask, scale=scaling,
+                                enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     layout = kwargs.get("orpo_layout")
     if layout is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -147,9 +147,13 @@ class TrainConfig:
     attention: str = opt(
         "auto",
         "How the pair structure is enforced: 'blocks' runs attention per prompt/completion block "
-        "(exact, no wasted work), 'mask' passes a 4D mask to the model's own attention; 'auto' picks.",
+        "(exact, no wasted work), 'flex' one FlexAttention kernel with a block mask (CUDA), 'mask' a 4D "
+        "mask given to the model's own attention; 'auto': flex on CUDA, blocks on CPU.",
         "speed",
-        choices=("auto", "blocks", "mask"),
+        choices=("auto", "blocks", "flex", "mask"),
+    )
+    liger: bool = opt(
+        False, "Use Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA; pip install liger-kernel).", "speed"
     )
     logits_chunk: int = opt(
         0, "Tokens per lm-head chunk in the loss (0: about 256 MB of logits per chunk).", "speed"

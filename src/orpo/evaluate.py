@@ -120,7 +120,7 @@ def evaluate_model(cfg) -> dict:
     import sys
 
     from .data.prepare import prepare_pairs
-    from .forward import PolicyForward
+    from .forward import PolicyForward, resolve_attention
     from .model import load_model, load_tokenizer, resolve_model
 
     folder = resolve_model(cfg.model)
@@ -131,7 +131,7 @@ def evaluate_model(cfg) -> dict:
     print(report, file=sys.stderr, flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, device=device)
-    policy = PolicyForward(model, "mask" if cfg.attention == "mask" else "blocks", cfg.logits_chunk)
+    policy = PolicyForward(model, resolve_attention(cfg.attention, device), cfg.logits_chunk)
     bf16 = cfg.precision == "bf16"
     metrics = evaluate_pairs(
         policy, pairs, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 4),

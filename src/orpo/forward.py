@@ -17,11 +17,23 @@ from .loss import linear_logps
 from .model import base_causal_lm
 
 
+def resolve_attention(name: str, device: torch.device) -> str:
+    """The attention mode to use: 'auto' is FlexAttention on CUDA and per-block SDPA elsewhere."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "blocks"
+    if name == "flex" and device.type != "cuda":
+        from .errors import UserError
+
+        raise UserError("--attention flex needs a CUDA GPU (FlexAttention has no CPU backward); use blocks or auto")
+    return name
+
+
 class PolicyForward(nn.Module):
     """``forward(batch) -> (N,) fp32 log p of batch.target``.
 
-    attention: "blocks" (per-group SDPA, see ``orpo.attention``) or "mask" (a dense 4D bool mask given
-    to the model's own attention). chunk: tokens per lm-head chunk (0: automatic).
+    attention: "blocks" (per-group SDPA, see ``orpo.attention``), "flex" (one FlexAttention kernel with a
+    block mask; CUDA only) or "mask" (a dense 4D bool mask given to the model's own attention).
+    chunk: tokens per lm-head chunk (0: automatic).
     """
 
     def __init__(self, model: nn.Module, attention_mode: str = "blocks", chunk: int = 0):
@@ -30,7 +42,10 @@ class PolicyForward(nn.Module):
         self.attention_mode = attention_mode
         self.chunk = chunk
         lm = base_causal_lm(model)
-        if attention_mode == "blocks":
+        head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+        if attention_mode == "flex" and head_dim < 16:
+            self.attention_mode = attention_mode = "blocks"  # FlexAttention's kernels need head_dim >= 16
+        if attention_mode in ("blocks", "flex"):
             attention.enable(lm.config)
         head = lm.get_output_embeddings()
         # Our chunked head needs a plain linear lm-head; anything else (logit softcapping, scaling,
@@ -44,19 +59,24 @@ class PolicyForward(nn.Module):
         lm = base_causal_lm(self.model)
         decoder = lm.get_decoder()
         kwargs = {}
-        if self.attention_mode == "blocks":
-            mask = attention.placeholder_mask(batch.layout.rows, batch.input_ids.device)
+        ids, pos, src = batch.input_ids, batch.position_ids, batch.src
+        if self.attention_mode == "flex":
+            # Pad each row to a multiple of 128 (FlexAttention's tile) and move the gather indices with it.
+            t = ids.shape[1]
+            t_pad = -(-t // 128) * 128
+            if t_pad != t:
+                ids = torch.nn.functional.pad(ids, (0, t_pad - t))
+                pos = torch.nn.functional.pad(pos, (0, t_pad - t))
+                src = (src // t) * t_pad + src % t
+            mask = attention.placeholder_mask(batch.layout.rows, ids.device)
+            kwargs["orpo_block_mask"] = attention.flex_block_mask(batch.layout, t_pad, ids.device)
+        elif self.attention_mode == "blocks":
+            mask = attention.placeholder_mask(batch.layout.rows, ids.device)
             kwargs["orpo_layout"] = batch.layout
         else:
-            mask = batch.layout.dense_mask(batch.input_ids.device)
-        out = decoder(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            attention_mask=mask,
-            use_cache=False,
-            **kwargs,
-        )
-        hidden = out.last_hidden_state.flatten(0, 1).index_select(0, batch.src)
+            mask = batch.layout.dense_mask(ids.device)
+        out = decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False, **kwargs)
+        hidden = out.last_hidden_state.flatten(0, 1).index_select(0, src)
         head = lm.get_output_embeddings()
         if self.plain_head:
             return linear_logps(hidden, head.weight, batch.target, head.bias, chunk=self.chunk)

@@ -221,6 +221,22 @@ def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device):
     return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
 
 
+def apply_liger(model) -> None:
+    """Swap in Liger-Kernel's fused RMSNorm/RoPE/SwiGLU for the model's own (the loss stays ours)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--liger needs a CUDA GPU (its kernels are Triton); drop --liger on this machine")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("--liger needs the liger-kernel package; run: pip install liger-kernel")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, target: str):
     """Wrap ``model`` with peft LoRA adapters on every linear projection (or the named modules)."""
     from peft import LoraConfig, get_peft_model

@@ -32,10 +32,11 @@ from .data.store import TokenStore
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
 from .errors import UserError
 from .evaluate import evaluate_pairs, generate
-from .forward import PolicyForward
+from .forward import PolicyForward, resolve_attention
 from .loss import metric_vector, orpo_loss, summarize
 from .model import (
     add_lora,
+    apply_liger,
     base_causal_lm,
     check_4bit,
     check_model_source,
@@ -312,6 +313,10 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
     set_seed(cfg.seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    if device.type == "cuda":
+        # cuDNN's SDPA builds a graph for every new sequence shape; packed rows change shape every step,
+        # which made each step 2-3x slower on an H100. Flash and memory-efficient SDPA have no such cost.
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     # --- model and data -----------------------------------------------------------------------
     t_setup = time.time()
@@ -324,6 +329,8 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval")
     data_counts = {"train": train_counts, **({"eval": eval_counts} if eval_counts else {})}
     model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit)
+    if cfg.liger:
+        apply_liger(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -331,8 +338,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
     trainable, total = count_parameters(model)
     say(f"model: {folder} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{', LoRA' if cfg.lora else ''})")
-    mode = "blocks" if cfg.attention in ("auto", "blocks") else "mask"
-    policy = PolicyForward(model, attention_mode=mode, chunk=cfg.logits_chunk)
+    policy = PolicyForward(model, attention_mode=resolve_attention(cfg.attention, device), chunk=cfg.logits_chunk)
 
     data_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else cfg.seed
     plan = StepPlan(len(train_pairs), cfg.batch_size, cfg.grad_accum, world, data_seed, cfg.epochs, cfg.max_steps)
@@ -360,6 +366,12 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         else:
             state = ckpt.load_checkpoint(path, accelerator.unwrap_model(policy).model, optimizer, scheduler, rank)
         start_step, bad_streak, elapsed_before = state["step"], state.get("bad_streak", 0), state.get("elapsed_s", 0.0)
+        # --max-steps may differ from the interrupted run's (it is allowed to: extending a run); the
+        # saved learning rate belongs to the old schedule, so set the rate of the next step afresh.
+        factor = lr_factor(start_step, total_steps, warmup, cfg.scheduler)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if is_main:
             _truncate_metrics(metrics_path, start_step)
         say(f"resumed from {path} (step {start_step} of {total_steps})")

@@ -1,0 +1,67 @@
+"""Profile orpo's training step (forward, loss, backward, clip, AdamW) on the current device.
+
+    python benchmarks/profile_step.py MODEL_DIR DATA [--rows 32] [--attention auto|blocks|flex|mask] [--steps 8]
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from orpo.data.batching import collate
+from orpo.data.prepare import prepare_pairs
+from orpo.forward import PolicyForward, resolve_attention
+from orpo.loss import orpo_loss
+from orpo.model import load_model, load_tokenizer
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("data")
+ap.add_argument("--rows", type=int, default=32)
+ap.add_argument("--attention", default="auto")
+ap.add_argument("--steps", type=int, default=8)
+ap.add_argument("--batch", type=int, default=2)
+ap.add_argument("--profile", action="store_true")
+args = ap.parse_args()
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+tok = load_tokenizer(Path(args.model))
+store, _, _ = prepare_pairs(args.data, tok, 1024, max_rows=args.rows)
+model = load_model(Path(args.model)).to(dev)
+model.train()
+policy = PolicyForward(model, resolve_attention(args.attention, dev))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+
+def step(i):
+    pairs = [store[(i * args.batch + j) % len(store)] for j in range(args.batch)]
+    b = collate(pairs).to(dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        lp = policy(b)
+    out = orpo_loss(lp, b.pair, b.kind, b.n_pairs, 0.1, False, float((b.kind == 1).sum()), float(b.n_pairs))
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return b.computed_tokens
+
+
+for i in range(3):
+    t = time.time(); step(i); sync(); print(f"warm-up step {i}: {time.time() - t:.3f}s", flush=True)
+t = time.time(); n = 0
+for i in range(args.steps):
+    n += step(i + 3)
+sync()
+dt = time.time() - t
+print(f"{args.attention}: {dt / args.steps * 1000:.1f} ms/step, {n / dt:.0f} computed tokens/s")
+if args.profile:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(3):
+            step(i + 20)
+        sync()
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
