@@ -268,3 +268,36 @@ def test_log_odds_ratio_antisymmetric_on_a_model(tiny_model, chatml_tokenizer):
     assert (r1.abs() > 1e-3).all()  # not trivially zero
     assert F.logsigmoid(r1).neg().allclose(l1)
     assert math.isfinite(float(l1.sum()))
+
+
+def test_bf16_rounding_of_the_official_code_and_not_ours():
+    """The official implementation (xfactlab/orpo) loads the model in bf16, so its per-token log-probs are
+    bf16; it multiplies them by a bf16 mask and sums in bf16 before converting to float64, and it returns
+    the loss cast to bf16. Emulating that arithmetic on the same per-token values: log P is off by ~1e-3
+    relative (up to ~4e-3), about the size of the log-odds gap between two similar completions. Ours
+    keeps per-token log-probs, their sums and the loss in fp32, under bf16 autocast too (the matmuls run
+    in bf16; see also test_extreme_completions_finite_loss_and_gradients)."""
+    torch.manual_seed(0)
+    errs_official, errs_ours = [], []
+    for n in (5, 40, 300):
+        for _ in range(20):
+            tok = -torch.rand(n, dtype=torch.float64) * 4
+            exact = tok.mean()
+            official = (tok.to(torch.bfloat16) * torch.ones(n, dtype=torch.bfloat16)).sum().double() / n
+            kinds = torch.full((n,), KIND_CHOSEN)
+            ours, _ = sequence_logps(tok.float(), torch.zeros(n, dtype=torch.long), kinds, 1)
+            errs_official.append(abs((official - exact) / exact).item())
+            errs_ours.append(abs((ours.double() - exact) / exact).item())
+    assert np.mean(errs_official) > 5e-4 and max(errs_official) > 2e-3
+    assert max(errs_ours) < 1e-6
+    # a bf16 loss keeps 8 significant bits
+    loss = torch.tensor(2.3456789, dtype=torch.float64)
+    assert abs(loss.to(torch.bfloat16).double() - loss) / loss > 5e-4
+    # our log-probs under bf16 autocast are fp32 values of a bf16 matmul, not bf16-rounded log-softmaxes
+    h, w = torch.randn(64, 16), torch.randn(V * 4, 16)
+    t = torch.randint(0, V * 4, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = linear_logps(h, w, t)
+    logits = (h.to(torch.bfloat16) @ w.to(torch.bfloat16).T).float()
+    want = torch.log_softmax(logits, -1).gather(1, t[:, None])[:, 0]
+    assert lp.dtype == torch.float32 and torch.allclose(lp, want, rtol=1e-6, atol=1e-6)
