@@ -120,3 +120,13 @@ def test_chat_data_without_template_is_a_clear_error(chatml_tokenizer):
     tok.chat_template = None
     with pytest.raises(UserError, match="no chat template"):
         tokenize_pairs([conv_pair()], tok, 64)
+
+
+def test_truncation_never_empties_the_prompt():
+    """At max_length 1 the prompt used to be cut to nothing while one completion token was kept; a pair
+    with no prompt puts its first target at position -1 of the batch. Now the prompt keeps a token and
+    the completions are what is lost, so the pair is dropped (see test_numerics for tokenize_pairs)."""
+    p, c, r, p_cut, c_cut = truncate([1, 5, 6, 7], [8, 9], [10], 1, None, 1)
+    assert p == [7] and c == [] and r == [] and p_cut and c_cut
+    p, c, r, _, _ = truncate([5, 6, 7], [8, 9], [10], 2, None, None)
+    assert p == [7] and c == [8] and r == [10]

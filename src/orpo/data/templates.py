@@ -159,7 +159,8 @@ def truncate(
         prompt, p_cut = keep_last(prompt, max_prompt_length), True
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest > max_length:
-        floor = min(len(prompt), max_length // 2)
+        # at least one prompt token: the first completion token is predicted from the prompt's last one
+        floor = min(len(prompt), max(1, max_length // 2))
         keep = max(max_length - longest, floor)
         if keep < len(prompt):
             prompt, p_cut = keep_last(prompt, keep), True
