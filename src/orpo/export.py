@@ -55,10 +55,15 @@ class Source:
 
     @property
     def name(self) -> str:
+        """File-name stem for the GGUF: the run's folder name, or the model's."""
         p = self.path.resolve()
         if p.name in ("model", "adapter", "export") and p.parent.name:
             p = p.parent
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", p.name).strip("-.") or "model"
+        name = p.name
+        src = _read_json(p / "orpo_source.json") if self.run_dir is None else None
+        if src and src.get("gguf"):  # orpo's cached copy of a GGUF: name it after that file, less its quant type
+            name = re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", Path(src["gguf"]).stem, flags=re.I)
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
 
 def _adapter_base(adapter: Path) -> Path | None:
@@ -595,11 +600,12 @@ def model_card(dest: Path, run_dir: Path | None, source_path: Path | None = None
 
     out = ["---", "library_name: transformers", "tags: [orpo, preference-optimization]", "---", "",
            f"# {name}", "",
-           "A causal language model fine-tuned with ORPO (odds ratio preference optimization, Hong, Lee & Thorne "
-           "2024) using [orpo](https://arxiv.org/abs/2403.07691).", "",
+           "A causal language model fine-tuned with [ORPO](https://arxiv.org/abs/2403.07691) (odds ratio preference "
+           "optimization; Hong, Lee & Thorne 2024) using the `orpo` command line.", "",
            "## Base model", "", f"- {base}"]
-    if adapter_cfg:
-        out.append(f"- LoRA adapter base path: `{adapter_cfg.get('base_model_name_or_path')}`")
+    adapter_base = (adapter_cfg or {}).get("base_model_name_or_path")
+    if adapter_base and f"`{adapter_base}`" not in base:
+        out.append(f"- loaded from `{adapter_base}` (the LoRA adapter's base)")
     out += ["", "## Data", "", *_data_rows(counts, run_cfg), ""]
 
     out += ["## Training configuration", ""]
@@ -645,8 +651,10 @@ def model_card(dest: Path, run_dir: Path | None, source_path: Path | None = None
             f"tokenizer = AutoTokenizer.from_pretrained({str(dest)!r})" if has_weights or not ggufs else
             f"tokenizer = AutoTokenizer.from_pretrained({str(dest)!r}, gguf_file={ggufs[0]!r})",
             "messages = [{'role': 'user', 'content': 'What is the capital of France?'}]",
-            "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')",
-            "print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0][ids.shape[1]:]))", "```", ""]
+            "text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+            "ids = tokenizer(text, return_tensors='pt', add_special_tokens=False).input_ids",
+            "out = model.generate(ids, max_new_tokens=32, do_sample=False)",
+            "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", ""]
     for g in ggufs:
         tag = re.sub(r"[^a-z0-9._-]+", "-", Path(g).stem.lower())
         out += [f"GGUF `{g}` (llama.cpp, ollama):", "", "```bash",
