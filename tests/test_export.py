@@ -155,6 +155,24 @@ def test_cli_verify(tmp_path, tiny_model_dir, capsys):
     assert "verify: max |logit difference|" in out and "tokenizer identical" in out
 
 
+def test_adapter_base_gone_falls_back_to_run_model(lora_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "moved-run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoints", "export"))
+    cfg_path = run / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["export", str(run), "--merge"]) == 0
+    assert "used the run's merged model/" in capsys.readouterr().out
+    assert "used the run's merged model/" in (run / "export" / "README.md").read_text()
+    assert main(["export", str(run / "adapter"), "--output", str(tmp_path / "o")]) == 0  # same via the adapter
+    shutil.rmtree(run / "model")
+    assert main(["export", str(run / "adapter"), "--output", str(tmp_path / "o2")]) == 2
+    assert "is not on this machine" in capsys.readouterr().err
+
+
 # --- model card ----------------------------------------------------------------------------------
 
 def test_model_card(lora_run, tmp_path):
@@ -167,6 +185,16 @@ def test_model_card(lora_run, tmp_path):
     assert "| precision | fp32 |" in card and "| max_length | 1024 |" in card
     assert f"| loss | {summary['final']['loss']:.4g} |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_model_card_for_training_output(lora_run, tmp_path):
+    """What train.py would write into OUT/model: the card loads the folder itself."""
+    import shutil
+
+    dest = tmp_path / "model"
+    shutil.copytree(lora_run / "model", dest)
+    card = X.write_model_card(dest, lora_run).read_text()
+    assert f"from_pretrained({str(dest)!r})" in card and "gguf_file" not in card
 
 
 def test_model_card_mentions_gguf(tmp_path, tiny_model_dir):
@@ -201,7 +229,7 @@ def test_non_llama_architecture(tmp_path, chatml_tokenizer, capsys):
     assert main(["export", str(d), "--gguf", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "GPT2LMHeadModel is not supported" in err and "LlamaForCausalLM" in err
-    assert not list((tmp_path / "o").glob("*.gguf")) if (tmp_path / "o").exists() else True
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_unsupported_tokenizer_refused(tmp_path, chatml_tokenizer):
