@@ -18,7 +18,8 @@ ALLOWED = {
     "checkpoint": {"errors"},
     "evaluate": {"data", "forward", "loss", "model", "errors"},
     "train": {"checkpoint", "config", "data", "errors", "evaluate", "forward", "loss", "model", "progress"},
-    "cli": {"config", "errors", "train", "evaluate"},
+    "export": {"config", "errors", "model"},
+    "cli": {"config", "errors", "train", "evaluate", "export"},
     "__main__": {"cli"},
     "__init__": {"config"},
 }

@@ -1,4 +1,4 @@
-"""Command line: ``orpo train | eval``. The only module that reads argv.
+"""Command line: ``orpo train | eval | export``. The only module that reads argv.
 
 Every ``TrainConfig`` field is a flag (``max_length`` -> ``--max-length``; booleans also have
 ``--no-...``). ``orpo train config.yaml --flag value`` applies defaults, then the YAML, then the flags.
@@ -111,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
                               "packing", "attention"})
     e.add_argument("--data", dest="data", required=True, help="held-out pairs (any supported format)")
     e.add_argument("--max-rows", dest="eval_max_rows", default=argparse.SUPPRESS, help="use only the first N rows")
+
+    # --- orpo export ------------------------------------------------------------------------------
+    x = sub.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="merged safetensors weights and/or a GGUF, with a model card",
+        description="Export a trained model into one folder: --merge writes full safetensors weights (LoRA "
+        "merged) and the tokenizer; --gguf writes a GGUF for llama.cpp and ollama (Llama-architecture models). "
+        "Both get a model card (README.md). With neither flag, --merge is done.",
+    )
+    x.add_argument("src", metavar="SRC", help="an orpo run folder, a LoRA adapter folder or a model folder")
+    x.add_argument("--merge", action="store_true", help="write merged full weights (safetensors) and the tokenizer")
+    x.add_argument("--gguf", action="store_true", help="write <name>-<type>.gguf")
+    x.add_argument("--gguf-type", dest="gguf_type", choices=("f16", "bf16", "f32"), default="f16",
+                   help="tensor type of the GGUF's weight matrices (norms stay f32) [default: f16]")
+    x.add_argument("--output", dest="output", default=None, help="output folder [default: SRC/export]")
+    x.add_argument("--verify", action="store_true",
+                   help="load the GGUF back with transformers and compare logits and tokenization with the model")
     return parser
 
 
@@ -160,6 +178,16 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .export import export
+
+    merge = ns.merge or not ns.gguf
+    if ns.verify and not ns.gguf:
+        raise UserError("--verify checks a GGUF; add --gguf")
+    export(ns.src, ns.output, merge=merge, gguf=ns.gguf, gguf_type=ns.gguf_type, verify=ns.verify)
+    return 0
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -191,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(ns, argv[1:])
         if ns.command == "eval":
             return cmd_eval(ns)
+        if ns.command == "export":
+            return cmd_export(ns)
     except UserError as e:
         print(f"orpo: error: {e}", file=sys.stderr)
         return e.exit_code
