@@ -17,7 +17,7 @@ ALLOWED = {
     "forward": {"attention", "data", "errors", "loss", "model"},
     "checkpoint": {"errors"},
     "evaluate": {"data", "forward", "loss", "model", "errors"},
-    "train": {"checkpoint", "config", "data", "errors", "evaluate", "forward", "loss", "model", "progress"},
+    "train": {"checkpoint", "config", "data", "errors", "evaluate", "export", "forward", "loss", "model", "progress"},
     "export": {"config", "errors", "model"},
     "cli": {"config", "errors", "train", "evaluate", "export"},
     "__main__": {"cli"},

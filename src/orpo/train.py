@@ -32,6 +32,7 @@ from .data.store import TokenStore
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
 from .errors import UserError
 from .evaluate import evaluate_pairs, generate
+from .export import write_model_card
 from .forward import PolicyForward, resolve_attention
 from .loss import metric_vector, orpo_loss, summarize
 from .model import (
@@ -48,7 +49,8 @@ from .model import (
 )
 from .progress import Progress
 
-RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "model", "adapter", "summary.json", "samples.jsonl")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "model", "adapter", "summary.json", "samples.jsonl",
+             "data_counts.json", "export")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,6 +543,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             "data": data_counts, "answer_accuracy": accuracy, "model_dir": str(model_dir),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_model_card(model_dir, out)
     else:
         model_dir = out / "model"
     accelerator.wait_for_everyone()
