@@ -143,3 +143,21 @@ def test_cuda_modes_match_reference(chatml_tokenizer, pairs, mode):
     out = orpo_loss(PolicyForward(model, mode)(batch), batch.pair, batch.kind, batch.n_pairs, beta, True, nll, len(pairs))
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_compiled_layers_same_logps_and_grads(chatml_tokenizer, pairs):
+    from conftest import make_tiny_llama
+    from orpo.model import compile_layers
+
+    ref_model = make_tiny_llama(len(chatml_tokenizer))
+    model = make_tiny_llama(len(chatml_tokenizer))
+    compile_layers(model)
+    for share, pack in ((True, True), (False, False)):
+        batch = collate(pairs, share, pack, True)
+        a = PolicyForward(ref_model)(batch)
+        b = PolicyForward(model)(batch)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        a.sum().backward()
+        b.sum().backward()
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5)

@@ -52,6 +52,7 @@ def flex_block_mask(layout, length: int, device):
     return create_block_mask(mask_mod, B=layout.rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
 
+@torch.compiler.disable  # data-dependent loops over the layout: compiled layers call it as it is
 def block_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     """query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers expects."""
     block_mask = kwargs.get("orpo_block_mask")

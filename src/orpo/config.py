@@ -152,6 +152,10 @@ class TrainConfig:
         "speed",
         choices=("auto", "blocks", "flex", "mask"),
     )
+    compile: bool = opt(
+        False, "torch.compile each decoder layer (fuses norms, RoPE and activations; the first steps compile).",
+        "speed",
+    )
     liger: bool = opt(
         False, "Use Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA; pip install liger-kernel).", "speed"
     )

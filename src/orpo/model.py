@@ -237,6 +237,15 @@ def apply_liger(model) -> None:
                                     fused_linear_cross_entropy=False)
 
 
+def compile_layers(model) -> None:
+    """torch.compile every decoder layer in place, with dynamic shapes (packed rows change length every
+    step). Identical layers share one compiled graph."""
+    decoder = base_causal_lm(model).get_decoder()
+    layers = getattr(decoder, "layers", None)
+    for layer in layers if layers is not None else [decoder]:
+        layer.compile(dynamic=True)
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, target: str):
     """Wrap ``model`` with peft LoRA adapters on every linear projection (or the named modules)."""
     from peft import LoraConfig, get_peft_model

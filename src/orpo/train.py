@@ -41,6 +41,7 @@ from .model import (
     base_causal_lm,
     check_4bit,
     check_model_source,
+    compile_layers,
     count_parameters,
     enable_activation_checkpointing,
     load_model,
@@ -338,6 +339,8 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     model.config.use_cache = False
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+    if cfg.compile:
+        compile_layers(model)
     trainable, total = count_parameters(model)
     say(f"model: {folder} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{', LoRA' if cfg.lora else ''})")
     policy = PolicyForward(model, attention_mode=resolve_attention(cfg.attention, device), chunk=cfg.logits_chunk)
