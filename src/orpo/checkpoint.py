@@ -86,34 +86,20 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(
-    ckpt_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer,
-    scheduler,
-    state: dict,
-    is_main: bool,
-    rank: int,
-    keep: int,
-) -> Path:
-    """Write checkpoint ``step`` atomically and prune to the newest ``keep``. Single-process and DDP
-    runs: rank 0 writes weights and optimizer state (identical on every rank), each rank its RNG."""
+def _write_atomically(ckpt_dir: Path, step: int, keep: int, is_main: bool, barrier, write) -> Path:
+    """Run ``write(tmp)`` on every process into a hidden temporary folder, then (main process) fsync it,
+    rename it to ``step-NNNNNN`` and prune to the newest ``keep``. A failed write removes the temporary
+    folder and leaves the previous checkpoints as they were."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
-        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-        if is_main:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _barrier()
+        write(tmp)
+        barrier()
         if is_main:
             _fsync_tree(tmp)
             if final.exists():  # a stale copy of the same step (from a run resumed before it)
@@ -129,8 +115,33 @@ def save_checkpoint(
     if is_main:
         for _, old in list_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    state: dict,
+    is_main: bool,
+    rank: int,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep``. Single-process and DDP
+    runs: rank 0 writes weights and optimizer state (identical on every rank), each rank its RNG."""
+
+    def write(tmp: Path) -> None:
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        if is_main:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    return _write_atomically(ckpt_dir, step, keep, is_main, _barrier, write)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict:
@@ -165,36 +176,15 @@ def _barrier() -> None:
 
 
 def save_sharded_checkpoint(ckpt_dir: Path, step: int, accelerator, scheduler, state: dict, keep: int) -> Path:
-    final = ckpt_dir / f"step-{step:06d}"
-    tmp = ckpt_dir / f".tmp-step-{step:06d}"
     is_main = accelerator.is_main_process
-    if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
+
+    def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
         if is_main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(dict(state, sharded=True), indent=1))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_tree(ckpt_dir)
-    except OSError as e:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"{final}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are intact"
-        ) from None
-    accelerator.wait_for_everyone()
-    if is_main:
-        for _, old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+
+    return _write_atomically(ckpt_dir, step, keep, is_main, accelerator.wait_for_everyone, write)
 
 
 def load_sharded_checkpoint(path: Path, accelerator, scheduler) -> dict:
