@@ -450,6 +450,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             "data": data_counts, "answer_accuracy": accuracy, "model_dir": str(model_dir),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        from .report import write_report_safe  # issue 5: OUT/report.html; a failure only warns
+
+        write_report_safe(out, say)
     else:
         model_dir = out / "model"
     accelerator.wait_for_everyone()
