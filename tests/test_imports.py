@@ -1,4 +1,6 @@
-"""Imports point one way: config <- data, model, loss, attention <- forward <- checkpoint, evaluate <- train <- cli."""
+"""Imports point one way: config <- data, model, loss, attention <- forward <- checkpoint, evaluate <- train <- cli.
+
+report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli."""
 
 import ast
 from pathlib import Path
@@ -17,9 +19,15 @@ ALLOWED = {
     "forward": {"attention", "data", "errors", "loss", "model"},
     "checkpoint": {"errors"},
     "evaluate": {"data", "forward", "loss", "model", "errors"},
-    "train": {"checkpoint", "config", "data", "errors", "evaluate", "export", "forward", "loss", "model", "progress"},
+    "train": {"checkpoint", "config", "data", "errors", "evaluate", "export", "forward", "loss", "model", "progress",
+              "report"},
     "export": {"config", "errors", "model"},
-    "cli": {"config", "errors", "train", "evaluate", "export"},
+    "cli": {"config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
+    # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer
+    "report": {"errors", "config"},
+    "inspect_data": {"config", "data", "errors", "model"},
+    "chat": {"errors", "evaluate", "model"},
+    "compare": {"config", "errors", "report", "train"},
     "__main__": {"cli"},
     "__init__": {"config"},
 }
@@ -75,3 +83,13 @@ def test_config_imports_no_torch():
     code = "import sys, orpo.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_report_imports_no_torch():
+    """The report runs beside a training job (orpo report OUT): stdlib, matplotlib and PyYAML only."""
+    import subprocess
+    import sys
+
+    code = "import sys, orpo.report; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False False"

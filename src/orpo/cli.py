@@ -1,4 +1,4 @@
-"""Command line: ``orpo train | eval | export``. The only module that reads argv.
+"""Command line: ``orpo train | eval | export | report | data | generate | chat | compare``. The only module that reads argv.
 
 Every ``TrainConfig`` field is a flag (``max_length`` -> ``--max-length``; booleans also have
 ``--no-...``). ``orpo train config.yaml --flag value`` applies defaults, then the YAML, then the flags.
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", dest="output", default=None, help="output folder [default: SRC/export]")
     x.add_argument("--verify", action="store_true",
                    help="load the GGUF back with transformers and compare logits and tokenization with the model")
+    _add_issue5_parsers(sub)
     return parser
 
 
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(ns)
         if ns.command == "export":
             return cmd_export(ns)
+        if ns.command in ISSUE5_COMMANDS:
+            return ISSUE5_COMMANDS[ns.command](ns, argv[1:])
     except UserError as e:
         print(f"orpo: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -229,6 +232,132 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     parser.print_help()
     return 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 5 commands: report, data, generate, chat, compare. Kept in one block; each is its own
+# add_parser + cmd_* pair, dispatched through ISSUE5_COMMANDS.
+
+_GEN_FLAGS = {"model", "trust_remote_code", "allow_pickle"}
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--system", default=None, help="system message (chat models)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate [default: {max_new_tokens}]")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; > 0 samples [default: 0]")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling [default: 1.0]")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+
+
+def _add_issue5_parsers(sub) -> None:
+    r = sub.add_parser("report", allow_abbrev=False, help="(re)build OUT/report.html from a run folder",
+                       description="Build the self-contained HTML report of a run (plots, evaluations, generations, "
+                       "data counts, timings, config) from the files in its output folder. Works while the run is going.")
+    r.add_argument("run_dir", metavar="OUT", help="a run's output folder")
+    r.add_argument("--output", default=None, help="where to write the page [default: OUT/report.html]")
+
+    d = sub.add_parser("data", allow_abbrev=False, help="inspect a dataset through the model's tokenizer",
+                       description="Row counts and format, token-length percentiles, what --max-length truncates or "
+                       "drops, and pairs rendered exactly as the model sees them, with the prompt/completion boundary "
+                       "and the loss mask marked. Loads only the tokenizer.")
+    d.add_argument("--data", dest="data", required=True, help="pairs (any supported format)")
+    add_config_flags(d, only={"model", "max_length", "max_prompt_length", "max_rows", "prompt_in_nll", "trust_remote_code"})
+    d.add_argument("--examples", type=int, default=2, help="pairs to render [default: 2]")
+    d.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour the rendering (auto: on a terminal, unless NO_COLOR is set) [default: auto]")
+    d.add_argument("--json", action="store_true", help="also print the numbers as one JSON object on the last line")
+
+    g = sub.add_parser("generate", allow_abbrev=False, help="answer a prompt with a model (greedy or sampled)",
+                       description="Answer one or more prompts. Chat models get the prompt as a user message through "
+                       "their chat template; --raw feeds the text as it is.")
+    add_config_flags(g, only=_GEN_FLAGS)
+    g.add_argument("--prompt", action="append", required=True, help="the prompt (repeat for several)")
+    g.add_argument("--raw", action="store_true", help="no chat template: continue the text as it is")
+    _add_sampling_flags(g, 128)
+
+    c = sub.add_parser("chat", allow_abbrev=False, help="talk to a model in the terminal",
+                       description="An interactive loop that keeps the conversation and renders it through the chat "
+                       "template each turn. /exit or Ctrl-D ends it, /reset clears the history.")
+    add_config_flags(c, only=_GEN_FLAGS)
+    _add_sampling_flags(c, 256)
+
+    m = sub.add_parser("compare", allow_abbrev=False, help="SFT vs ORPO on held-out pairs (the paper's Figure 3)",
+                       description="Train the same config twice, SFT (beta 0) and ORPO (beta --orpo-beta), with the same "
+                       "data, seed and budget, evaluating both on --eval-data throughout; draw the held-out log-probs of "
+                       "chosen and rejected answers on one figure (OUT/figure3.png, numbers in OUT/compare.json). "
+                       f"--output-dir defaults to {'runs/compare'}, --eval-steps to 10.")
+    m.add_argument("config", nargs="?", help="YAML config file; flags given after it override its values")
+    add_config_flags(m, only={f.name for f in C.fields()} - {"beta"})
+    m.add_argument("--orpo-beta", type=float, default=0.1, help="beta of the ORPO run [default: 0.1]")
+
+
+def cmd_report(ns: argparse.Namespace, argv: list[str]) -> int:
+    from .report import write_report
+
+    path = write_report(ns.run_dir, ns.output)
+    print(path)
+    return 0
+
+
+def cmd_data(ns: argparse.Namespace, argv: list[str]) -> int:
+    from .inspect_data import inspect_command
+
+    values = _typed(ns, skip=("command", "config", "data", "examples", "color", "json"))
+    cfg = C.build(values)
+    if ns.examples < 0:
+        raise UserError(f"--examples must be >= 0; got {ns.examples}")
+    print(inspect_command(cfg, ns.data, ns.examples, ns.color, ns.json))
+    return 0
+
+
+def _gen_cfg(ns: argparse.Namespace) -> C.TrainConfig:
+    keep = {k: v for k, v in vars(ns).items() if k in _GEN_FLAGS}
+    return C.build(_typed(argparse.Namespace(**keep)))
+
+
+def cmd_generate(ns: argparse.Namespace, argv: list[str]) -> int:
+    from .chat import generate_text, load_for_generation
+
+    cfg = _gen_cfg(ns)
+    model, tok, device = load_for_generation(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    answers = generate_text(model, tok, ns.prompt, ns.system, ns.raw, ns.max_new_tokens, ns.temperature, ns.top_p,
+                            ns.seed, device)
+    for i, a in enumerate(answers):
+        if len(answers) > 1:
+            print(f"--- {i + 1}: {ns.prompt[i]}")
+        print(a)
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace, argv: list[str]) -> int:
+    from .chat import ChatSession, _seed, chat_loop, load_for_generation
+
+    cfg = _gen_cfg(ns)
+    model, tok, device = load_for_generation(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    _seed(ns.seed)
+    session = ChatSession(model, tok, ns.system, ns.max_new_tokens, ns.temperature, ns.top_p, device)
+    return chat_loop(session)
+
+
+def cmd_compare(ns: argparse.Namespace, argv: list[str]) -> int:
+    from .compare import DEFAULT_EVAL_STEPS, DEFAULT_OUT, format_numbers, run_compare
+
+    overrides = _typed(ns, skip=("command", "config", "orpo_beta"))
+    base = C.build(overrides, ns.config)
+    yaml_keys = set(C.load_yaml(ns.config)) if ns.config else set()
+    out = base.output_dir if ("output_dir" in overrides or "output_dir" in yaml_keys) else DEFAULT_OUT
+    if "eval_steps" not in overrides and "eval_steps" not in yaml_keys:
+        from dataclasses import replace
+
+        base = replace(base, eval_steps=DEFAULT_EVAL_STEPS)
+    result = run_compare(base, ns.orpo_beta, out)
+    print("\n" + format_numbers(result["numbers"]))
+    print(f"\nfigure:  {result['figure']}\nnumbers: {Path(out) / 'compare.json'}")
+    return 0
+
+
+ISSUE5_COMMANDS = {"report": cmd_report, "data": cmd_data, "generate": cmd_generate, "chat": cmd_chat,
+                   "compare": cmd_compare}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,7 @@ from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_co
 from .errors import UserError
 from .evaluate import evaluate_pairs, generate
 from .export import write_model_card
+from .report import write_report_safe
 from .forward import PolicyForward, resolve_attention
 from .loss import metric_vector, orpo_loss, summarize
 from .model import (
@@ -51,7 +52,7 @@ from .model import (
 from .progress import Progress
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "model", "adapter", "summary.json", "samples.jsonl",
-             "data_counts.json", "export")
+             "data_counts.json", "export", "report.html")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,6 +548,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         write_model_card(model_dir, out)
+        write_report_safe(out, say)  # OUT/report.html; a plotting failure only warns
     else:
         model_dir = out / "model"
     accelerator.wait_for_everyone()

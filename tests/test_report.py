@@ -1,0 +1,212 @@
+"""OUT/report.html: built from a run's files, self-contained, robust to a run still in progress."""
+
+import base64
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from orpo.cli import main
+from orpo.report import (
+    compare_numbers,
+    load_run,
+    make_plots,
+    plot_compare,
+    read_metrics,
+    smooth,
+    write_report,
+    write_report_safe,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def train_row(step, drift=0.0):
+    c, r = -2.0 + 0.02 * step, -2.2 + drift * step
+    return {"step": step, "epoch": step / 20, "time_s": 1.5 * step, "pair_tokens": 900, "loss": 2.5 - 0.03 * step,
+            "nll_loss": 2.4 - 0.03 * step, "log_odds_ratio": -0.6, "log_odds_chosen": 0.3, "logps/chosen": c,
+            "logps/rejected": r, "rewards/chosen": 0.1 * c, "rewards/rejected": 0.1 * r, "rewards/margins": 0.1 * (c - r),
+            "rewards/accuracies": 0.5 + 0.01 * step, "grad_norm": 3.0, "learning_rate": 1e-4 * min(1, step / 3),
+            "tokens_per_s": 600.0 + step}
+
+
+def eval_row(step, drift=0.0):
+    r = train_row(step, drift)
+    keys = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected", "rewards/chosen",
+            "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    return {"step": step, "epoch": step / 20, **{"eval_" + k: r[k] for k in keys}, "eval_pairs": 16}
+
+
+def write_run(out, steps=20, finished=True, partial_line=True, drift=0.0):
+    """A run folder as train() writes it; ``finished=False`` leaves it as a run still going."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(eval_row(0, drift))]
+    for s in range(1, steps + 1):
+        lines.append(json.dumps(train_row(s, drift)))
+        if s % 10 == 0:
+            lines.append(json.dumps(eval_row(s, drift)))
+    text = "\n".join(lines) + "\n"
+    if partial_line:
+        text += json.dumps(train_row(steps + 1))[:37]  # a line cut short by a write in progress
+    (out / "metrics.jsonl").write_text(text)
+    (out / "config.yaml").write_text("model: null\ndata: pairs.jsonl\nbeta: 0.1\nlora: true\nmax_steps: 20\nlr: 0.0001\n")
+    (out / "data_counts.json").write_text(json.dumps({
+        "train": {"rows_read": 120, "kept": 117, "prompt_truncated": 9, "completion_truncated": 4, "skipped": 3,
+                  "skipped_by_reason": {"chosen identical to rejected": 3}},
+        "eval": {"rows_read": 16, "kept": 16, "prompt_truncated": 1, "completion_truncated": 0, "skipped": 0,
+                 "skipped_by_reason": {}}}))
+    if finished:
+        (out / "summary.json").write_text(json.dumps({"steps": steps, "time_s": 31.0, "answer_accuracy": None}))
+        with open(out / "samples.jsonl", "w") as fh:
+            fh.write(json.dumps({"prompt": "What is <b>2+2</b>?", "before": "It is 5 & more", "after": "4"}) + "\n")
+            fh.write(json.dumps({"prompt": "Capital of France?", "expected": "Paris", "before": "Lyon", "after": "Paris",
+                                 "correct_before": False, "correct_after": True}) + "\n")
+    return out
+
+
+def images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
+
+
+def test_read_metrics_splits_train_and_eval_and_skips_a_partial_line(tmp_path):
+    out = write_run(tmp_path / "run")
+    train, evals, bad = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert bad == 1
+    # a resumed run logs a step again: the later row wins
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write("\n" + json.dumps({**train_row(20), "loss": 9.0}) + "\n")
+    train, _, _ = read_metrics(out / "metrics.jsonl")
+    assert len(train) == 20 and train[-1]["loss"] == 9.0
+    assert read_metrics(tmp_path / "missing.jsonl") == ([], [], 0)
+
+
+def test_report_of_a_finished_run_has_the_plots_and_tables(tmp_path):
+    out = write_run(tmp_path / "run")
+    path = write_report(out)
+    assert path == out / "report.html"
+    page = path.read_text()
+    pngs = images(page)
+    assert len(pngs) >= 8 and all(p.startswith(PNG_MAGIC) and len(p) > 2000 for p in pngs)
+    for title in ("Loss and NLL", "Log-probabilities of chosen and rejected answers", "Margins", "Preference accuracy",
+                  "Learning rate", "Throughput", "Held-out evaluation"):
+        assert f"alt='{title}'" in page, title
+    assert "finished: 20 steps" in page
+    # data counts, timings, config, eval table and the generation table
+    for text in ("rows read", "prompts truncated", "chosen identical to rejected", "training time", "0m31s",
+                 "max_steps", "held-out, step 0", "held-out, step 20", "16 held-out pairs per evaluation",
+                 "base model (before)", "trained model (after)", "Capital of France?", "✓", "✗"):
+        assert text in page, text
+    # user text is escaped, never interpreted
+    assert "What is &lt;b&gt;2+2&lt;/b&gt;?" in page and "It is 5 &amp; more" in page
+    # self-contained: nothing is fetched from anywhere
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<script" not in page and "@import" not in page
+
+
+def test_report_of_a_run_in_progress(tmp_path):
+    out = write_run(tmp_path / "run", steps=7, finished=False)
+    (out / "data_counts.json").unlink()
+    page = write_report(out).read_text()
+    assert "in progress" in page and "step 7 of 20" in page
+    assert "1 line(s) of metrics.jsonl could not be read" in page
+    assert "no samples.jsonl yet" in page and "no data_counts.json" in page
+    assert len(images(page)) >= 6
+
+
+def test_report_with_no_metrics_or_only_some(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    page = write_report(out).read_text()
+    assert "nothing to plot yet" in page and "no config.yaml" in page
+    (out / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 1.0}) + "\n" + json.dumps({"step": 2, "loss": float("nan"), "skipped": True}) + "\n"
+        + json.dumps({"step": 3, "loss": 0.5}) + "\n")
+    run = load_run(out)
+    assert [p.title for p in make_plots(run)] == ["Loss and NLL"]
+    page = write_report(out).read_text()
+    assert len(images(page)) == 1 and "steps skipped" in page
+
+
+def test_a_plotting_failure_keeps_the_tables_and_never_fails_a_run(tmp_path, monkeypatch, capsys):
+    out = write_run(tmp_path / "run")
+    import orpo.report as report
+
+    def boom(run):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(report, "make_plots", boom)
+    page = write_report(out).read_text()
+    assert "plots could not be drawn: RuntimeError: no display" in page and "rows read" in page
+    messages = []
+    assert write_report_safe(tmp_path / "no-such-run", messages.append) is None
+    assert messages and messages[0].startswith("warning: could not write")
+
+
+def test_report_command(tmp_path, capsys):
+    out = write_run(tmp_path / "run", finished=False)
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.html")
+    assert (out / "report.html").is_file()
+    other = tmp_path / "elsewhere.html"
+    assert main(["report", str(out), "--output", str(other)]) == 0 and other.is_file()
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_smooth():
+    assert smooth([]) == [] and smooth([1.0, 2.0]) == [1.0, 2.0]
+    ys = [float(i % 2) for i in range(100)]
+    assert all(abs(v - 0.5) < 0.06 for v in smooth(ys)[20:])
+
+
+def test_compare_figure_and_numbers(tmp_path):
+    sft = write_run(tmp_path / "sft", drift=0.02)  # rejected rises with chosen
+    orpo = write_run(tmp_path / "orpo", drift=-0.01)  # rejected falls: the gap widens
+    runs = {"SFT": sft, "ORPO": orpo}
+    nums = compare_numbers(runs)
+    assert nums["SFT"]["logps/rejected"]["change"] == pytest.approx(0.4)
+    assert nums["ORPO"]["logp_margin"]["change"] == pytest.approx(0.6)
+    assert nums["SFT"]["first_step"] == 0 and nums["SFT"]["last_step"] == 20 and nums["SFT"]["evals"] == 3
+    fig = plot_compare(runs, tmp_path / "fig" / "figure3.png", title="test")
+    assert fig.read_bytes().startswith(PNG_MAGIC) and fig.stat().st_size > 10_000
+    assert all(math.isfinite(v["change"]) for v in nums["ORPO"].values() if isinstance(v, dict) and "change" in v)
+
+
+def test_a_training_run_leaves_a_report(tmp_path, tiny_model_dir, conv_file):
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(conv_file), "--eval-data", str(conv_file),
+               "--output-dir", str(out), "--max-steps", "2", "--eval-steps", "1", "--batch-size", "2", "--precision",
+               "fp32", "--save-steps", "0", "--eval-samples", "2"])
+    assert rc == 0
+    page = (out / "report.html").read_text()
+    assert "finished: 2 steps" in page and len(images(page)) >= 6
+    assert "held-out, step 0" in page and "held-out, step 2" in page and "trained model (after)" in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    out = write_run(tmp_path / "run")
+    page = write_report(out)
+    shot = tmp_path / "shot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+           f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.is_file()
+    im = Image.open(shot).convert("RGB")
+    assert im.size == (1280, 2400)
+    # The plots drew: the page holds the chosen green and rejected red lines, not just text on white.
+    colors = {c for _, c in im.getcolors(maxcolors=1 << 20)}
+    assert len(colors) > 200
+    near = lambda rgb, c: all(abs(a - b) < 30 for a, b in zip(rgb, c))  # noqa: E731
+    assert any(near(c, (44, 160, 44)) for c in colors) and any(near(c, (214, 39, 40)) for c in colors)
