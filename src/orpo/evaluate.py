@@ -47,9 +47,10 @@ def evaluate_pairs(
         vec = metric_vector(part, batch.n_pairs)
         total = vec if total is None else total + vec
     if total is None:
-        total = torch.zeros(4 + 8, dtype=torch.float64)
+        total = torch.zeros(4 + 8, dtype=torch.float64, device=device)
     if reduce is not None:
         total = reduce(total)
+    total = total.cpu()
     if was_training:
         policy.train()
     metrics = summarize(total, beta)

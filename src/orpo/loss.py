@@ -267,9 +267,10 @@ PAIR_METRICS = (
 def metric_vector(part: ORPOLoss, n_pairs: int) -> torch.Tensor:
     """A flat fp64 vector of sums [nll_sum, nll_tokens, or_sum, n_pairs, *PAIR_METRICS]. Vectors add
     across micro-batches, and across processes with one all-reduce."""
-    vals = [part.nll_sum, part.nll_tokens, part.or_sum, torch.tensor(float(n_pairs))]
+    vals = [part.nll_sum, part.nll_tokens, part.or_sum, torch.tensor(float(n_pairs), device=part.nll_sum.device)]
     vals += [part.pair_sums[k] for k in PAIR_METRICS]
-    return torch.stack([v.detach().double().cpu().reshape(()) for v in vals])
+    # Stays on the device: the caller reads it back once per optimizer step, not once per micro-batch.
+    return torch.stack([v.detach().double().reshape(()) for v in vals])
 
 
 def summarize(vec: torch.Tensor, beta: float) -> dict[str, float]:

@@ -437,7 +437,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             nll_norm = float(train_pairs.nll_tokens(step_idx, cfg.prompt_in_nll))
             pair_norm = float(len(step_idx))
             step_tokens = train_pairs.pair_tokens(step_idx)
-            vec = torch.zeros(12, dtype=torch.float64)
+            vec = torch.zeros(12, dtype=torch.float64, device=device)
             for m, idx in enumerate(micro):
                 weight = 1.0
                 if len(idx) == 0:  # a short last step: keep every process in lockstep, add nothing
@@ -457,9 +457,14 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                     accelerator.backward(part.loss * scale)
                 if weight:
                     vec += metric_vector(part, batch.n_pairs)
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            vec_all = accelerator.reduce(vec.to(device), "sum").cpu() if world > 1 else vec
+            norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if world > 1:
+                vec = accelerator.reduce(vec, "sum")
+            # The one host-device synchronisation of the step: the sums and the norm come back together,
+            # and the finiteness check needs them before the optimizer may step.
+            norm = torch.as_tensor(float("nan") if norm is None else norm, device=device, dtype=torch.float64)
+            back = torch.cat([vec, norm.reshape(1).double()]).cpu()
+            vec_all, grad_norm = back[:-1], float(back[-1])
             finite = math.isfinite(grad_norm) and bool(torch.isfinite(vec_all).all())
             lr_now = scheduler.get_last_lr()[0]
             if finite:
