@@ -23,12 +23,17 @@ ap.add_argument("--attention", default="auto")
 ap.add_argument("--steps", type=int, default=8)
 ap.add_argument("--batch", type=int, default=2)
 ap.add_argument("--profile", action="store_true")
+ap.add_argument("--compile", action="store_true")
 args = ap.parse_args()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 tok = load_tokenizer(Path(args.model))
 store, _, _ = prepare_pairs(args.data, tok, 1024, max_rows=args.rows)
 model = load_model(Path(args.model)).to(dev)
 model.train()
+if args.compile:
+    from orpo.model import compile_layers
+
+    compile_layers(model)
 policy = PolicyForward(model, resolve_attention(args.attention, dev))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -70,43 +70,64 @@ def block_attention(module, query, key, value, attention_mask=None, dropout=0.0,
     window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
     p_drop = dropout if module.training else 0.0
-    b_, h_, t_, d_ = query.shape
-    rows = []
-    for r, groups in enumerate(layout.by_row()):
-        pieces = []
-        cursor = 0
-        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
-        for g in groups:
-            if window is not None and g.end - g.start > window:
-                raise RuntimeError(
-                    f"a pair of {g.end - g.start} tokens exceeds the model's sliding window ({window}); "
-                    "use --attention mask or a smaller --max-length"
-                )
-            if g.start > cursor:
-                pieces.append(query.new_zeros(1, h_, g.start - cursor, d_))
-            s, p = g.start, g.prompt_len
-            (c0, n0), rest = g.completions[0], g.completions[1:]
-            e = c0 + n0
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, dropout_p=p_drop, scale=scaling, enable_gqa=gqa
-                )
-            )
-            for cs, n in rest:
-                kk = torch.cat((k[:, :, s : s + p], k[:, :, cs : cs + n]), dim=2)
-                vv = torch.cat((v[:, :, s : s + p], v[:, :, cs : cs + n]), dim=2)
-                mask = layout.suffix_mask(p, n, query.device)
-                pieces.append(
-                    F.scaled_dot_product_attention(
-                        q[:, :, cs : cs + n], kk, vv, attn_mask=mask, dropout_p=p_drop, scale=scaling, enable_gqa=gqa
-                    )
-                )
-            cursor = g.end
-        if cursor < t_:
-            pieces.append(query.new_zeros(1, h_, t_ - cursor, d_))
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    rows = [
+        _row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, p_drop, scaling, gqa)
+        for r, groups in enumerate(layout.by_row())
+    ]
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _row_attention(q, k, v, groups, layout, window, p_drop, scaling, gqa):
+    """One row: q (1, H, T, D), k/v (1, KV, T, D) -> (1, H, T, D).
+
+    The row is cut once with ``split`` into its pieces (queries: prompt+first completion, then each
+    further completion; keys/values: prompt, then each completion), so the backward pass stitches the
+    gradients back with one concatenation instead of zero-filling a full-size tensor for every slice.
+    """
+    t = q.shape[2]
+    q_sizes, kv_sizes, plan = [], [], []
+    cursor = 0
+    for g in groups:
+        if window is not None and g.end - g.start > window:
+            raise RuntimeError(
+                f"a pair of {g.end - g.start} tokens exceeds the model's sliding window ({window}); "
+                "use --attention mask or a smaller --max-length"
+            )
+        if g.start > cursor:  # padding between groups: no queries attend to it
+            q_sizes.append(g.start - cursor)
+            kv_sizes.append(g.start - cursor)
+            plan.append(None)
+        lens = [n for _, n in g.completions]
+        q_sizes += [g.prompt_len + lens[0]] + lens[1:]
+        kv_sizes += [g.prompt_len] + lens
+        plan.append((g.prompt_len, lens))
+        cursor = g.end
+    if cursor < t:
+        q_sizes.append(t - cursor)
+        kv_sizes.append(t - cursor)
+        plan.append(None)
+    qs, ks, vs = q.split(q_sizes, dim=2), k.split(kv_sizes, dim=2), v.split(kv_sizes, dim=2)
+    out, qi, ki = [], 0, 0
+    for item in plan:
+        if item is None:
+            out.append(qs[qi].new_zeros(qs[qi].shape))
+            qi, ki = qi + 1, ki + 1
+            continue
+        p, lens = item
+        kp, vp = ks[ki], vs[ki]
+        # prompt and first completion: plain causal attention over their concatenation
+        out.append(F.scaled_dot_product_attention(
+            qs[qi], torch.cat((kp, ks[ki + 1]), dim=2), torch.cat((vp, vs[ki + 1]), dim=2),
+            is_causal=True, dropout_p=p_drop, scale=scaling, enable_gqa=gqa))
+        # every further completion: the whole prompt, then itself causally
+        for j, n in enumerate(lens[1:], start=2):
+            out.append(F.scaled_dot_product_attention(
+                qs[qi + j - 1], torch.cat((kp, ks[ki + j]), dim=2), torch.cat((vp, vs[ki + j]), dim=2),
+                attn_mask=layout.suffix_mask(p, n, q.device), dropout_p=p_drop, scale=scaling, enable_gqa=gqa))
+        qi += len(lens)
+        ki += 1 + len(lens)
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
 def register() -> None:
