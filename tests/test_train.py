@@ -222,3 +222,31 @@ def test_resume_with_more_steps_uses_the_new_schedule(tmp_path, tiny_model_dir, 
     lrs = [r["learning_rate"] for r in read_metrics(out) if "loss" in r]
     # steps 3 and 4 of a 4-step linear decay, not the finished 2-step schedule's zero
     assert lrs[2:] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 1 / 4])
+
+
+def test_deepspeed_settings_without_a_dataloader(tiny_model, monkeypatch):
+    """Accelerate takes DeepSpeed's micro-batch size from a prepared dataloader; the loop has none, so
+    it is set from --batch-size, and clipping from --max-grad-norm. Under ZeRO-3 the lm-head weight,
+    read directly by the chunked loss, is registered with DeepSpeed as the policy's external parameter."""
+    import sys
+    import types
+
+    from orpo.config import build
+    from orpo.forward import PolicyForward
+    from orpo.train import _configure_deepspeed
+
+    registered = []
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(register_external_parameter=lambda m, p: registered.append((m, p)))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    policy = PolicyForward(tiny_model)
+    cfg = build({"batch_size": 3, "max_grad_norm": 0.5})
+    for stage, expected in ((2, 0), (3, 1)):
+        registered.clear()
+        ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
+        acc = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=ds)))
+        _configure_deepspeed(acc, policy, cfg)
+        assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0.5
+        assert len(registered) == expected
+        if expected:
+            assert registered[0][0] is policy and registered[0][1] is tiny_model.get_output_embeddings().weight

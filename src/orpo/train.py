@@ -352,6 +352,8 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
+    if deepspeed:
+        _configure_deepspeed(accelerator, policy, cfg)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     pad_id = tokenizer.pad_token_id or 0
 
@@ -412,7 +414,8 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     questions = heldout_questions(seed=cfg.seed) if cfg.data is None else []
     sample_prompts = _sample_prompts(cfg, eval_pairs, train_pairs, tokenizer)
     before_answers = []
-    if is_main and start_step == 0 and (questions or sample_prompts):
+    # (Sharded weights cannot generate on one process alone: its forward would wait for the others.)
+    if is_main and start_step == 0 and (questions or sample_prompts) and not sharded:
         before_answers = generate(lm, tokenizer, [q for q, _ in questions] + sample_prompts, max_new_tokens=48, device=device)
     eval_last = {}
     if eval_pairs and start_step == 0:
@@ -462,10 +465,13 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 vec = accelerator.reduce(vec, "sum")
             # The one host-device synchronisation of the step: the sums and the norm come back together,
             # and the finiteness check needs them before the optimizer may step.
+            # (DeepSpeed has already stepped inside backward and reports no norm when it computed none;
+            # it skips a step whose gradients are not finite itself and then reports an infinite norm.)
+            norm_known = norm is not None or not deepspeed
             norm = torch.as_tensor(float("nan") if norm is None else norm, device=device, dtype=torch.float64)
             back = torch.cat([vec, norm.reshape(1).double()]).cpu()
             vec_all, grad_norm = back[:-1], float(back[-1])
-            finite = math.isfinite(grad_norm) and bool(torch.isfinite(vec_all).all())
+            finite = (math.isfinite(grad_norm) or not norm_known) and bool(torch.isfinite(vec_all).all())
             lr_now = scheduler.get_last_lr()[0]
             if finite:
                 optimizer.step()
@@ -561,6 +567,23 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     return RunResult(out, step, last_row, eval_last, accuracy, model_dir, is_main)
 
 
+def _configure_deepspeed(accelerator, policy: PolicyForward, cfg: TrainConfig) -> None:
+    """Settings DeepSpeed needs before ``prepare``: Accelerate reads the micro-batch size from a
+    dataloader, and this loop has none (it batches pairs itself); clipping is DeepSpeed's to do, with our
+    --max-grad-norm. Under ZeRO-3 the lm-head weight is partitioned outside the head's own forward,
+    and our chunked log-prob reads it directly, so DeepSpeed must gather it for the whole forward."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_clipping"] = cfg.max_grad_norm
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) == 3 and policy.plain_head:
+        import deepspeed
+
+        head = base_causal_lm(policy.model).get_output_embeddings()
+        for p in (head.weight, head.bias):
+            if p is not None:
+                deepspeed.zero.register_external_parameter(policy, p)
+
+
 class _nullcontext:
     def __enter__(self):
         return None
@@ -607,6 +630,10 @@ def _save_final(out: Path, model, tokenizer, cfg: TrainConfig, folder: Path, sta
             from peft import PeftModel
 
             dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            if state_dict is not None:  # ZeRO-3 would partition this fresh copy across processes at load
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
             base = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, dtype=dtype)
             merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
         else:
