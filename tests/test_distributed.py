@@ -33,7 +33,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_mod
               "--max-steps", "4", "--eval-data", str(conv_file), "--save-steps", "2", "--warmup-steps", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "orpo", *common, "--batch-size", "2", "--output-dir", str(one)],
-                   env=env(), check=True, capture_output=True, text=True)
+                   env=env(), check=True, capture_output=True, text=True, timeout=600)
     if launcher == "torchrun":
         exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
         cmd = [exe, "--nproc_per_node", "2", "--master_port", env()["MASTER_PORT"], "-m", "orpo"]
@@ -42,7 +42,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_mod
         cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", env()["MASTER_PORT"], "-m", "orpo"]
     res = subprocess.run(cmd + common + ["--batch-size", "1", "--output-dir", str(two)], env=env(),
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=600)  # a hang must fail, not stall CI
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("metrics:") == 1  # only the main process reports
     a, b = rows(one), rows(two)

@@ -244,21 +244,19 @@ def make_plots(run: Run) -> list[Plot]:
     tr, ev = run.train, run.evals
     specs = []
 
+    def two(ax, *series):
+        """Each (metric, label, colour) as a training line and, with eval_ in front, as eval markers."""
+        drawn = [_train_line(ax, tr, key, label, colour) for key, label, colour in series]
+        drawn += [_eval_line(ax, ev, "eval_" + key, label, colour) for key, label, colour in series]
+        return any(drawn)
+
     def loss(ax):
-        a = _train_line(ax, tr, "loss", "loss", C_MAIN)
-        b = _train_line(ax, tr, "nll_loss", "NLL", C_OTHER)
-        c = _eval_line(ax, ev, "eval_loss", "loss", C_MAIN)
-        d = _eval_line(ax, ev, "eval_nll_loss", "NLL", C_OTHER)
-        return a or b or c or d
+        return two(ax, ("loss", "loss", C_MAIN), ("nll_loss", "NLL", C_OTHER))
 
     specs.append(("Loss and NLL", loss, "L = NLL + beta * L_OR; lines are training steps, markers held-out evaluations.", "loss"))
 
     def logps(ax):
-        a = _train_line(ax, tr, "logps/chosen", "chosen", C_CHOSEN)
-        b = _train_line(ax, tr, "logps/rejected", "rejected", C_REJECTED)
-        c = _eval_line(ax, ev, "eval_logps/chosen", "chosen", C_CHOSEN)
-        d = _eval_line(ax, ev, "eval_logps/rejected", "rejected", C_REJECTED)
-        return a or b or c or d
+        return two(ax, ("logps/chosen", "chosen", C_CHOSEN), ("logps/rejected", "rejected", C_REJECTED))
 
     specs.append((
         "Log-probabilities of chosen and rejected answers",
@@ -270,13 +268,10 @@ def make_plots(run: Run) -> list[Plot]:
     ))
 
     def margins(ax):
-        a = _train_line(ax, tr, "rewards/margins", "reward margin", C_MAIN)
-        b = _train_line(ax, tr, "log_odds_chosen", "log-odds ratio", C_OTHER)
-        c = _eval_line(ax, ev, "eval_rewards/margins", "reward margin", C_MAIN)
-        d = _eval_line(ax, ev, "eval_log_odds_chosen", "log-odds ratio", C_OTHER)
-        if a or b or c or d:
+        drawn = two(ax, ("rewards/margins", "reward margin", C_MAIN), ("log_odds_chosen", "log-odds ratio", C_OTHER))
+        if drawn:
             ax.axhline(0, color="black", linewidth=0.6)
-        return a or b or c or d
+        return drawn
 
     specs.append(("Margins", margins, "rewards/margins = beta * (logps chosen - logps rejected); log_odds_chosen is the "
                   "mean log-odds ratio the odds-ratio term acts on.", ""))
