@@ -35,9 +35,7 @@ def _seed(seed: int | None) -> None:
     if seed is not None:
         import torch
 
-        torch.manual_seed(seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(seed)
+        torch.manual_seed(seed)  # seeds every device, CUDA included
 
 
 def as_prompt(tokenizer, text: str, system: str | None = None, raw: bool = False):

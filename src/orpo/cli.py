@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", dest="output", default=None, help="output folder [default: SRC/export]")
     x.add_argument("--verify", action="store_true",
                    help="load the GGUF back with transformers and compare logits and tokenization with the model")
-    _add_issue5_parsers(sub)
+    _add_tool_parsers(sub)
     return parser
 
 
@@ -218,12 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "train":
             return cmd_train(ns, argv[1:])
-        if ns.command == "eval":
-            return cmd_eval(ns)
-        if ns.command == "export":
-            return cmd_export(ns)
-        if ns.command in ISSUE5_COMMANDS:
-            return ISSUE5_COMMANDS[ns.command](ns, argv[1:])
+        if ns.command in COMMANDS:
+            return COMMANDS[ns.command](ns)
     except UserError as e:
         print(f"orpo: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -235,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Issue 5 commands: report, data, generate, chat, compare. Kept in one block; each is its own
-# add_parser + cmd_* pair, dispatched through ISSUE5_COMMANDS.
+# The commands around training: report, data, generate, chat, compare.
 
 _GEN_FLAGS = {"model", "trust_remote_code", "allow_pickle"}
 
@@ -249,7 +244,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
 
 
-def _add_issue5_parsers(sub) -> None:
+def _add_tool_parsers(sub) -> None:
     r = sub.add_parser("report", allow_abbrev=False, help="(re)build OUT/report.html from a run folder",
                        description="Build the self-contained HTML report of a run (plots, evaluations, generations, "
                        "data counts, timings, config) from the files in its output folder. Works while the run is going.")
@@ -285,13 +280,13 @@ def _add_issue5_parsers(sub) -> None:
                        description="Train the same config twice, SFT (beta 0) and ORPO (beta --orpo-beta), with the same "
                        "data, seed and budget, evaluating both on --eval-data throughout; draw the held-out log-probs of "
                        "chosen and rejected answers on one figure (OUT/figure3.png, numbers in OUT/compare.json). "
-                       f"--output-dir defaults to {'runs/compare'}, --eval-steps to 10.")
+                       "--output-dir defaults to runs/compare, --eval-steps to 10.")
     m.add_argument("config", nargs="?", help="YAML config file; flags given after it override its values")
     add_config_flags(m, only={f.name for f in C.fields()} - {"beta"})
     m.add_argument("--orpo-beta", type=float, default=0.1, help="beta of the ORPO run [default: 0.1]")
 
 
-def cmd_report(ns: argparse.Namespace, argv: list[str]) -> int:
+def cmd_report(ns: argparse.Namespace) -> int:
     from .report import write_report
 
     path = write_report(ns.run_dir, ns.output)
@@ -299,7 +294,7 @@ def cmd_report(ns: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_data(ns: argparse.Namespace, argv: list[str]) -> int:
+def cmd_data(ns: argparse.Namespace) -> int:
     from .inspect_data import inspect_command
 
     values = _typed(ns, skip=("command", "config", "data", "examples", "color", "json"))
@@ -315,7 +310,7 @@ def _gen_cfg(ns: argparse.Namespace) -> C.TrainConfig:
     return C.build(_typed(argparse.Namespace(**keep)))
 
 
-def cmd_generate(ns: argparse.Namespace, argv: list[str]) -> int:
+def cmd_generate(ns: argparse.Namespace) -> int:
     from .chat import generate_text, load_for_generation
 
     cfg = _gen_cfg(ns)
@@ -329,7 +324,7 @@ def cmd_generate(ns: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_chat(ns: argparse.Namespace, argv: list[str]) -> int:
+def cmd_chat(ns: argparse.Namespace) -> int:
     from .chat import ChatSession, _seed, chat_loop, load_for_generation
 
     cfg = _gen_cfg(ns)
@@ -339,7 +334,7 @@ def cmd_chat(ns: argparse.Namespace, argv: list[str]) -> int:
     return chat_loop(session)
 
 
-def cmd_compare(ns: argparse.Namespace, argv: list[str]) -> int:
+def cmd_compare(ns: argparse.Namespace) -> int:
     from .compare import DEFAULT_EVAL_STEPS, DEFAULT_OUT, format_numbers, run_compare
 
     overrides = _typed(ns, skip=("command", "config", "orpo_beta"))
@@ -356,8 +351,9 @@ def cmd_compare(ns: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-ISSUE5_COMMANDS = {"report": cmd_report, "data": cmd_data, "generate": cmd_generate, "chat": cmd_chat,
-                   "compare": cmd_compare}
+# Every command but train (which also needs its argv, to print the command that resumes it).
+COMMANDS = {"eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data,
+            "generate": cmd_generate, "chat": cmd_chat, "compare": cmd_compare}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data import collate
-from .data.prepare import Rows, check_usable, report_line, scan_rows, tokenize_rows
+from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
 from .errors import UserError
@@ -183,8 +183,8 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     elif builtin:
         evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
     for rows in (train, evals):
-        if rows is not None and cfg.strict and rows.skips.total:
-            raise UserError(f"{rows.name}: --strict: {rows.skips.summary()}")
+        if rows is not None:
+            check_strict(rows.name, rows.skips, cfg.strict)
     return train, evals
 
 
@@ -305,7 +305,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                               log_with=trackers or None, project_dir=cfg.output_dir if trackers else None,
                               gradient_accumulation_steps=cfg.grad_accum if deepspeed else 1)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    sharded = _is_sharded(accelerator)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     device = accelerator.device
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
@@ -598,12 +598,17 @@ def _eval_line(row: dict) -> str:
             f"logps chosen {row['eval_logps/chosen']:.3f} / rejected {row['eval_logps/rejected']:.3f}")
 
 
-def _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, elapsed, is_main, rank):
+def _is_sharded(accelerator) -> bool:
+    """FSDP and DeepSpeed hold a shard of the weights on each process."""
     from accelerate.utils import DistributedType
 
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, elapsed, is_main, rank):
     state = {"step": step, "bad_streak": bad_streak, "elapsed_s": elapsed, "fingerprint": cfg.fingerprint(),
              "config": cfg.to_dict()}
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if _is_sharded(accelerator):
         ckpt.save_sharded_checkpoint(ckpt_dir, step, accelerator, scheduler, state, cfg.save_total_limit)
         return
     ckpt.save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(policy).model, optimizer, scheduler, state,

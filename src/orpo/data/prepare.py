@@ -282,9 +282,14 @@ def report_line(name: str, stats: TokenStats) -> str:
     return line + (f" ({stats.skips.summary()})" if stats.skips.total else "")
 
 
+def check_strict(name: str, skips: Skips, strict: bool) -> None:
+    """With --strict, any skipped row is fatal."""
+    if strict and skips.total:
+        raise UserError(f"{name}: --strict: {skips.summary()}")
+
+
 def check_usable(name: str, store: TokenStore, stats: TokenStats, strict: bool) -> None:
-    if strict and stats.skips.total:
-        raise UserError(f"{name}: --strict: {stats.skips.summary()}")
+    check_strict(name, stats.skips, strict)
     if len(store) == 0:
         raise UserError(f"{name}: no usable pairs left after checking and truncation")
 
@@ -303,8 +308,7 @@ def prepare_pairs(
 ) -> tuple[TokenStore, TokenStats, str]:
     """Scan, check, tokenize and truncate in one call. Returns (store, stats, one-line report)."""
     rows = scan_rows(source, max_rows, shuffle_seed, pairs, label)
-    if strict and rows.skips.total:
-        raise UserError(f"{rows.name}: --strict: {rows.skips.summary()}")
+    check_strict(rows.name, rows.skips, strict)
     store, stats = tokenize_rows(rows, tokenizer, max_length, max_prompt_length, cache=cache)
     check_usable(rows.name, store, stats, strict)
     return store, stats, report_line(rows.name, stats)
