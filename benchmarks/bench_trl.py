@@ -147,6 +147,8 @@ CHILDREN = {"ours": child_ours, "trl": child_trl, "dense": child_dense}
 def run_child(kind: str, spec: dict) -> dict:
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if spec.get("preload"):  # the same allocator for every tool, or the comparison is not the same work
+        env["LD_PRELOAD"] = spec["preload"]
     res = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], env=env, capture_output=True, text=True)
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     if res.returncode != 0 or not lines:
@@ -179,7 +181,7 @@ def default_model() -> str:
 
 def compare(args) -> dict:
     spec = dict(model=args.model or default_model(), data=args.data, rows=args.rows, max_length=args.max_length,
-                lora=args.lora, lr=1e-4 if args.lora else 5e-6, gc=False)
+                lora=args.lora, lr=1e-4 if args.lora else 5e-6, gc=False, preload=args.preload)
     with tempfile.TemporaryDirectory() as tmp:
         spec["tmp"] = tmp
         work = workload(spec)
@@ -189,7 +191,8 @@ def compare(args) -> dict:
             "ours": ("ours", {}), "ours-blocks": ("ours", {"ours_extra": {"attention": "blocks"}}),
             "ours-flex": ("ours", {"ours_extra": {"attention": "flex"}}),
             "ours-liger": ("ours", {"ours_extra": {"liger": True}}),
-            "ours-gc": ("ours", {"gc": True}), "trl": ("trl", {}), "trl-gc": ("trl", {"gc": True}),
+            "ours-gc": ("ours", {"gc": True}), "ours-nolean": ("ours", {"ours_extra": {"lean_activations": False}}),
+            "trl": ("trl", {}), "trl-gc": ("trl", {"gc": True}),
             "trl-liger": ("trl", {"liger": True}), "dense": ("dense", {}),
         }
         for kind in args.tools.split(","):
@@ -254,16 +257,18 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--tools", default="ours,trl,dense",
-                    help="comma list of ours, ours-blocks, ours-flex, ours-liger, ours-gc, trl, trl-gc, trl-liger, dense")
+                    help="comma list of ours, ours-blocks, ours-flex, ours-liger, ours-gc, ours-nolean, trl, trl-gc, trl-liger, dense")
     ap.add_argument("--memory-table", action="store_true", help="peak memory against max_length for both tools")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--preload", help="LD_PRELOAD this malloc into every tool's process (e.g. a libjemalloc.so.2)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child](json.loads(args.spec))))
         return
     import platform
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}"
+          + (f"; LD_PRELOAD={args.preload}" if args.preload else "; glibc malloc"))
     all_results = {}
     if args.memory_table:
         with tempfile.TemporaryDirectory() as d:

@@ -6,6 +6,7 @@
 # memory table, a 1.1B model, FSDP with one process, QLoRA. Part C: QLoRA on SmolLM2's shape (train, resume,
 # eval, merge). Part D: DeepSpeed ZeRO-2 (full) and ZeRO-3 (LoRA) with one process, each saved, resumed and
 # compared step by step with a plain single-GPU run (DeepSpeed built there from its sdist, carried in .ds/).
+# Part E: --lean-activations on CUDA (its tests, then orpo with and without it on HH-RLHF).
 set -uo pipefail
 part=${1:-A}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -23,6 +24,9 @@ if [ "$part" = A ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_forward.py -k cuda 2>&1 | grep -E "passed|failed|error" | tail -3 | tee "$OUT/A_tests.txt"
   $B --data .gpu/hh64.jsonl.gz --rows 64 --max-length 1024 --tools ours,ours-blocks,ours-liger,trl,trl-liger,dense --json "$OUT/A_hh_full.json" 2>&1 | tee "$OUT/A_hh_full.txt"
   $B --data .gpu/hh64.jsonl.gz --rows 64 --max-length 1024 --lora --tools ours,trl,dense --json "$OUT/A_hh_lora.json" 2>&1 | tee "$OUT/A_hh_lora.txt"
+elif [ "$part" = E ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_forward.py -k "cuda or lean" 2>&1 | grep -E "passed|failed|error" | tail -3 | tee "$OUT/E_tests.txt"
+  $B --data .gpu/hh64.jsonl.gz --rows 64 --max-length 1024 --tools ours,ours-nolean,ours,ours-nolean --json "$OUT/E_lean.json" 2>&1 | tee "$OUT/E_lean.txt"
 elif [ "$part" = C ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_train.py -k qlora 2>&1 | grep -E "passed|failed|error|Error" | tail -5 | tee "$OUT/C_qlora_test.txt"
   T="python3 -m orpo train --model /tmp/smol --data .gpu/hh64.jsonl.gz --output-dir /tmp/q --load-in-4bit --lora --batch-size 4 --save-steps 4 --eval-samples 0 --logging-steps 1"

@@ -161,3 +161,75 @@ def test_compiled_layers_same_logps_and_grads(chatml_tokenizer, pairs):
         b.sum().backward()
     for p, q in zip(ref_model.parameters(), model.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward while ``fn`` runs (each storage once, parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_lean_activations_same_numbers_less_memory(chatml_tokenizer, pairs, autocast, lora, device):
+    from conftest import make_tiny_llama
+    from orpo.model import add_lora, lean_activations
+
+    models = [make_tiny_llama(len(chatml_tokenizer)).to(device) for _ in range(2)]
+    changed = lean_activations(models[1])
+    assert changed == 2 * 2 + 2 + 1  # two norms and one MLP per layer (2 layers), the final norm
+    if lora:
+        wrapped = []
+        for m in models:
+            torch.manual_seed(0)  # the same adapter initialisation for both
+            wrapped.append(add_lora(m, 4, 8, 0.0, "all-linear"))
+        models = wrapped
+    batch = collate(pairs, True, True, False).to(device)
+    nll = float((batch.kind == KIND_CHOSEN).sum())
+    results = []
+    for model in models:
+        model.train()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            lp, saved = _saved_bytes(lambda: PolicyForward(model)(batch))
+        out = orpo_loss(lp, batch.pair, batch.kind, batch.n_pairs, 0.1, False, nll, float(batch.n_pairs))
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        results.append((out.loss.detach(), grads, saved))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    # the forward runs the same ops: the loss is bitwise equal. The norm's closed-form backward sums in
+    # another order than autograd's chain of ops: gradients agree within fp32 rounding, and under bf16
+    # autocast within the bf16 rounding that such a difference can flip in the matmuls downstream
+    assert torch.equal(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        if autocast:
+            assert float((a - b).norm()) <= 1e-2 * float(a.norm())
+        else:
+            assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())
+    cfg, tokens = models[0].config, batch.input_ids.numel()
+    act = cfg.num_hidden_layers * tokens * cfg.intermediate_size * (2 if autocast else 4)  # act(gate) per MLP
+    # each norm's normalised fp32 copy is kept only when its weight trains (not under LoRA)
+    norms = 0 if lora else (2 * cfg.num_hidden_layers + 1) * tokens * cfg.hidden_size * 4
+    assert saved_a - saved_b >= act + norms
+    models[1].eval()
+    with torch.no_grad():  # evaluation and generation take the module's own forward
+        assert torch.equal(PolicyForward(models[0].eval())(batch), PolicyForward(models[1])(batch))
+
+
+def test_lean_activations_leaves_unknown_mlps_alone(chatml_tokenizer):
+    from conftest import make_tiny_llama
+    from orpo.model import lean_activations
+
+    model = make_tiny_llama(len(chatml_tokenizer))
+    for layer in model.model.layers:  # a subclass whose forward is not the gated formula: not recomputed by it
+        layer.mlp.__class__ = type("OtherMLP", (type(layer.mlp),), {"forward": lambda self, x: self.down_proj(x)})
+    assert lean_activations(model) == 2 * 2 + 1

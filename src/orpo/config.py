@@ -159,6 +159,14 @@ class TrainConfig:
     liger: bool = opt(
         False, "Use Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA; pip install liger-kernel).", "speed"
     )
+    lean_activations: Optional[bool] = opt(
+        None,
+        "Each RMSNorm keeps one float per token instead of a normalised copy, and the MLP recomputes its "
+        "activation in the backward pass: about 18% less activation memory, same numbers. Default: on "
+        "for CPU (where it is also a few % faster), off on CUDA (there it costs about 3% time for 10% "
+        "less GPU memory). Not used with layer checkpointing, Liger, --compile, FSDP or DeepSpeed.",
+        "speed",
+    )
     logits_chunk: int = opt(
         0, "Tokens per lm-head chunk in the loss (0: about 256 MB of logits per chunk).", "speed"
     )

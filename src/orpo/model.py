@@ -237,6 +237,109 @@ def apply_liger(model) -> None:
                                     fused_linear_cross_entropy=False)
 
 
+# Llama's RMSNorm and gated MLP (also Mistral's, Qwen2/3's and their kin) exactly as transformers writes
+# them; a module whose forward is anything else is left alone rather than replaced by a formula it
+# does not use.
+_RMS_NORM = ("hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+             "return self.weight * hidden_states.to(input_dtype)")
+_GATED_MLP = ("self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",)
+
+
+def _lean_rms_norm_fn():
+    import torch
+
+    class LeanRMSNorm(torch.autograd.Function):
+        """``y = w * (x * r).to(x.dtype)`` with ``r = rsqrt(mean(x^2) + eps)`` over the last dim, x in fp32,
+        as Llama's RMSNorm computes it, op for op, but keeping only ``x`` (which the residual stream
+        holds anyway) and ``r`` (one float per token) instead of the normalised fp32 copy. The backward
+        is the closed form: with xh = x * r and g = dy * w, dw = sum(dy * xh) and
+        dx = r * (g - xh * mean(g * xh)).  x: (..., H), w: (H,), r: (..., 1)."""
+
+        @staticmethod
+        def forward(ctx, x, weight, eps):
+            xf = x.to(torch.float32)
+            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            ctx.save_for_backward(x, weight, r)
+            return weight * (xf * r).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, weight, r = ctx.saved_tensors
+            xh = x.to(torch.float32) * r
+            dw = None
+            if ctx.needs_input_grad[1]:  # a plain sum over tokens: einsum takes a slow path on CPU here
+                dw = (dy * xh.to(x.dtype)).reshape(-1, xh.shape[-1]).sum(0).to(weight.dtype)
+            g = (dy * weight).to(torch.float32)
+            m = torch.linalg.vecdot(g, xh).unsqueeze(-1).div_(xh.shape[-1])
+            return torch.addcmul(g, xh, m, value=-1).mul_(r).to(x.dtype), dw, None
+
+    return LeanRMSNorm
+
+
+def _lean_norm_forward(module, hidden_states):
+    import torch
+
+    if module.training and torch.is_grad_enabled():
+        return module._orpo_fn.apply(hidden_states, module.weight, module.variance_epsilon)
+    return type(module).forward(module, hidden_states)
+
+
+def _gated(act, gate, up):
+    return act(gate) * up
+
+
+def _lean_mlp_forward(module, x):
+    from torch.utils.checkpoint import checkpoint
+
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    if module.training and (gate.requires_grad or up.requires_grad):
+        # act(gate) is recomputed from gate in the backward: one element-wise kernel, T x I values less
+        return module.down_proj(checkpoint(_gated, module.act_fn, gate, up, use_reentrant=False,
+                                           preserve_rng_state=False, determinism_check="none"))
+    return module.down_proj(_gated(module.act_fn, gate, up))
+
+
+def _forward_matches(cls, fragments) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return all(f in source for f in fragments)
+
+
+def lean_activations(model) -> int:
+    """Keep less for the backward pass in every decoder layer, for the same numbers: each RMSNorm keeps
+    its input and one float per token instead of a normalised fp32 copy (T x H x 4 bytes, two norms per
+    layer), and the gated MLP recomputes ``act(gate)`` from ``gate`` (T x I x 2 bytes under bf16
+    autocast). For SmolLM2 that is 230 of the 1,300 KB per token that autograd keeps.
+
+    The norm's forward is Llama's op for op and its backward the closed form (equal within fp32
+    rounding); the MLP's recomputation runs the model's own activation on the same input
+    (non-reentrant ``torch.utils.checkpoint``, bitwise equal). Only instance ``forward`` attributes
+    change: weights, state dict and saving are untouched, and in eval or under ``no_grad`` the original
+    forward runs. Not for sharded engines (ZeRO-3 gathers weights in module hooks that a recomputation
+    would bypass), layer checkpointing (which recomputes everything anyway) or Liger and
+    ``torch.compile`` (which fuse these ops themselves). Returns how many modules changed."""
+    import functools
+
+    norm_fn = _lean_rms_norm_fn()
+    changed = 0
+    for module in base_causal_lm(model).get_decoder().modules():
+        cls = type(module)
+        if hasattr(module, "weight") and hasattr(module, "variance_epsilon") and _forward_matches(cls, _RMS_NORM):
+            module._orpo_fn = norm_fn
+            module.forward = functools.partial(_lean_norm_forward, module)
+        elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
+                and _forward_matches(cls, _GATED_MLP):
+            module.forward = functools.partial(_lean_mlp_forward, module)
+        else:
+            continue
+        changed += 1
+    return changed
+
+
 def compile_layers(model) -> None:
     """torch.compile every decoder layer in place, with dynamic shapes (packed rows change length every
     step). Identical layers share one compiled graph."""

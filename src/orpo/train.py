@@ -45,6 +45,7 @@ from .model import (
     compile_layers,
     count_parameters,
     enable_activation_checkpointing,
+    lean_activations,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -337,6 +338,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         apply_liger(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    elif (cfg.lean_activations if cfg.lean_activations is not None else device.type == "cpu") \
+            and not (cfg.liger or cfg.compile or sharded):
+        lean_activations(model)
     model.config.use_cache = False
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
