@@ -256,9 +256,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--lora", action="store_true")
-    ap.add_argument("--tools", default="ours,trl,dense",
-                    help="comma list of ours, ours-blocks, ours-flex, ours-liger, ours-gc, ours-nolean, trl, trl-gc, trl-liger, dense")
+    ap.add_argument("--tools", help="comma list of ours, ours-blocks, ours-flex, ours-liger, ours-gc, ours-nolean, "
+                    "trl, trl-gc, trl-liger, dense (default: ours,trl,dense; ours,trl for --memory-table)")
     ap.add_argument("--memory-table", action="store_true", help="peak memory against max_length for both tools")
+    ap.add_argument("--lengths", default="512,1024,2048,4096", help="max_length values of --memory-table")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--preload", help="LD_PRELOAD this malloc into every tool's process (e.g. a libjemalloc.so.2)")
     args = ap.parse_args()
@@ -272,14 +273,16 @@ def main() -> None:
     all_results = {}
     if args.memory_table:
         with tempfile.TemporaryDirectory() as d:
-            for L in (512, 1024, 2048, 4096):
+            for L in (int(x) for x in args.lengths.split(",")):
                 f = Path(d) / f"syn{L}.jsonl.gz"
                 synthetic_rows(f, 8, L)
-                a = argparse.Namespace(**{**vars(args), "data": str(f), "rows": 8, "max_length": L, "tools": "ours,trl"})
+                a = argparse.Namespace(**{**vars(args), "data": str(f), "rows": 8, "max_length": L,
+                                          "tools": args.tools or "ours,trl"})
                 res = compare(a)
                 all_results[f"memory_{L}"] = res
                 print_table(f"memory at max_length {L} (synthetic pairs filling it, 4 steps)", res)
     else:
+        args.tools = args.tools or "ours,trl,dense"
         res = compare(args)
         all_results["compare"] = res
         print_table(f"{Path(args.data).name}, first {args.rows} rows, max_length {args.max_length}, "

@@ -1,6 +1,11 @@
 """Profile orpo's training step (forward, loss, backward, clip, AdamW) on the current device.
 
     python benchmarks/profile_step.py MODEL_DIR DATA [--rows 32] [--attention auto|blocks|flex|mask] [--steps 8]
+    python benchmarks/profile_step.py MODEL_DIR DATA --vs-dense    # orpo's step against the dense one
+
+``--vs-dense`` alternates orpo's steps with plain forward+backward+AdamW steps of a second copy of the
+model (full-vocabulary cross-entropy) on rows of exactly orpo's packed lengths, in one process, so the
+machine's drift hits both alike; bench_trl.py's dense ceiling runs in another process at another time.
 """
 
 import argparse
@@ -13,7 +18,7 @@ from orpo.data.batching import collate
 from orpo.data.prepare import prepare_pairs
 from orpo.forward import PolicyForward, resolve_attention
 from orpo.loss import orpo_loss
-from orpo.model import load_model, load_tokenizer
+from orpo.model import lean_activations, load_model, load_tokenizer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
@@ -24,6 +29,8 @@ ap.add_argument("--steps", type=int, default=8)
 ap.add_argument("--batch", type=int, default=2)
 ap.add_argument("--profile", action="store_true")
 ap.add_argument("--compile", action="store_true")
+ap.add_argument("--no-lean", action="store_true", help="without lean activations (on by default on CPU)")
+ap.add_argument("--vs-dense", action="store_true")
 args = ap.parse_args()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 tok = load_tokenizer(Path(args.model))
@@ -34,6 +41,8 @@ if args.compile:
     from orpo.model import compile_layers
 
     compile_layers(model)
+elif dev.type == "cpu" and not args.no_lean:
+    lean_activations(model)
 policy = PolicyForward(model, resolve_attention(args.attention, dev))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -51,6 +60,33 @@ def step(i):
     opt.zero_grad(set_to_none=True)
     return b.computed_tokens
 
+
+if args.vs_dense:
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").to(dev)
+    dense.train()
+    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-6, fused=True)
+
+    def dense_step(n):
+        ids = torch.randint(0, dense.config.vocab_size, (1, n), device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = dense(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dense.parameters(), 1.0)
+        dense_opt.step()
+        dense_opt.zero_grad(set_to_none=True)
+
+    spent = {"orpo": 0.0, "dense": 0.0}
+    for i in range(2 + args.steps):
+        t = time.perf_counter(); n = step(i); sync(); dt_orpo = time.perf_counter() - t
+        t = time.perf_counter(); dense_step(n); sync(); dt_dense = time.perf_counter() - t
+        if i >= 2:  # the first two of each are warm-up
+            spent["orpo"] += dt_orpo
+            spent["dense"] += dt_dense
+    print(f"{args.steps} steps each: orpo {spent['orpo']:.2f} s, dense {spent['dense']:.2f} s; "
+          f"orpo runs at {spent['dense'] / spent['orpo']:.0%} of the dense speed on the same tokens")
+    raise SystemExit
 
 for i in range(3):
     t = time.time(); step(i); sync(); print(f"warm-up step {i}: {time.time() - t:.3f}s", flush=True)

@@ -276,11 +276,11 @@ def _lean_rms_norm_fn():
     return LeanRMSNorm
 
 
-def _lean_norm_forward(module, hidden_states):
+def _lean_norm_forward(module, norm_fn, hidden_states):
     import torch
 
     if module.training and torch.is_grad_enabled():
-        return module._orpo_fn.apply(hidden_states, module.weight, module.variance_epsilon)
+        return norm_fn.apply(hidden_states, module.weight, module.variance_epsilon)
     return type(module).forward(module, hidden_states)
 
 
@@ -329,8 +329,7 @@ def lean_activations(model) -> int:
     for module in base_causal_lm(model).get_decoder().modules():
         cls = type(module)
         if hasattr(module, "weight") and hasattr(module, "variance_epsilon") and _forward_matches(cls, _RMS_NORM):
-            module._orpo_fn = norm_fn
-            module.forward = functools.partial(_lean_norm_forward, module)
+            module.forward = functools.partial(_lean_norm_forward, module, norm_fn)
         elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
                 and _forward_matches(cls, _GATED_MLP):
             module.forward = functools.partial(_lean_mlp_forward, module)
