@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import pytest
 import yaml
 
@@ -83,6 +86,19 @@ def test_fingerprint_ignores_logging_but_not_training():
     b = C.build({"save_steps": 7, "max_steps": 20})
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != C.build({"beta": 0.2}).fingerprint()
+
+
+def test_fingerprint_of_a_config_saved_before_an_option_existed():
+    """A checkpoint written by an older orpo lacks options added since; at their defaults they do not
+    block a resume, set to anything else they do."""
+    cfg = C.build({"beta": 0.2})
+    old = {k: v for k, v in cfg.to_dict().items() if k != "lean_activations"}
+    old_fingerprint = hashlib.sha256(json.dumps(
+        {k: v for k, v in old.items() if k not in C.NOT_IN_FINGERPRINT}, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() != old_fingerprint
+    assert cfg.fingerprint(old) == old_fingerprint
+    assert C.build({"beta": 0.2, "lean_activations": False}).fingerprint(old) != old_fingerprint
+    assert C.build({"beta": 0.3}).fingerprint(old) != old_fingerprint
 
 
 def test_every_shipped_yaml_loads():

@@ -200,9 +200,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """Hash of what determines the training trajectory (not where or how often it is logged)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_FINGERPRINT}
+    def fingerprint(self, saved: dict | None = None) -> str:
+        """Hash of what determines the training trajectory (not where or how often it is logged). Given
+        the config saved with a checkpoint, options it does not know (added to orpo since) are left
+        out while they hold their defaults, so that a run can be resumed by a newer orpo."""
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self)}
+        data = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_FINGERPRINT
+                and (saved is None or k in saved or v != defaults[k])}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def trajectory_changes(self, saved: dict) -> list[str]:

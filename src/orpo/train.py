@@ -367,7 +367,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     if cfg.resume and found:
         step_done, path = found[-1]
         saved = json.loads((path / "state.json").read_text())
-        if saved.get("fingerprint") != cfg.fingerprint():
+        if saved.get("fingerprint") != cfg.fingerprint(saved.get("config")):
             diff = cfg.trajectory_changes(saved.get("config", {}))
             raise UserError(
                 f"{path}: this checkpoint was made with a different config ({', '.join(diff) or 'unknown fields'} "
