@@ -101,18 +101,19 @@ def child_trl(spec: dict) -> dict:
             "first_bad_step": nan_steps[0] if nan_steps else None, "losses": [round(x, 4) for x in losses[:4]], **_peak()}
 
 
-def child_dense(spec: dict) -> dict:
-    """Plain forward+backward+AdamW, full-vocab cross-entropy, over the same packed row lengths."""
+def dense_step(model_path: str, device: str, lora: bool = False, clip: float | None = None):
+    """``step(n)``: one plain forward + backward + fused AdamW step of a fresh fp32 copy of the model,
+    with full-vocabulary cross-entropy over n random tokens in one row (the dense ceiling's step)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa").to(device)
-    if spec["lora"]:
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    if lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
 
@@ -121,9 +122,20 @@ def child_dense(spec: dict) -> dict:
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def child_dense(spec: dict) -> dict:
+    """Plain forward+backward+AdamW, full-vocab cross-entropy, over the same packed row lengths."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step = dense_step(spec["model"], device, spec["lora"])
     lengths = spec["row_lengths"]
     step(lengths[0])  # warm-up
     if device == "cuda":

@@ -62,20 +62,9 @@ def step(i):
 
 
 if args.vs_dense:
-    from transformers import AutoModelForCausalLM
+    from bench_trl import dense_step as make_dense_step
 
-    dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").to(dev)
-    dense.train()
-    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-6, fused=True)
-
-    def dense_step(n):
-        ids = torch.randint(0, dense.config.vocab_size, (1, n), device=dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = dense(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dense.parameters(), 1.0)
-        dense_opt.step()
-        dense_opt.zero_grad(set_to_none=True)
+    dense_step = make_dense_step(args.model, dev.type, clip=1.0)  # clipped like orpo's step above
 
     spent = {"orpo": 0.0, "dense": 0.0}
     for i in range(2 + args.steps):
