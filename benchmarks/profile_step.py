@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from orpo.data.batching import collate
 from orpo.data.prepare import prepare_pairs
-from orpo.forward import PolicyForward, resolve_attention
+from orpo.forward import PolicyForward
+from orpo.support import decide
 from orpo.loss import orpo_loss
 from orpo.model import lean_activations, load_model, load_tokenizer
 
@@ -43,14 +43,14 @@ if args.compile:
     compile_layers(model)
 elif dev.type == "cpu" and not args.no_lean:
     lean_activations(model)
-policy = PolicyForward(model, resolve_attention(args.attention, dev))
+policy = PolicyForward(model, decide(model, args.attention, device=dev))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
 
 def step(i):
     pairs = [store[(i * args.batch + j) % len(store)] for j in range(args.batch)]
-    b = collate(pairs).to(dev)
+    b = policy.collate(pairs, False).to(dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16):
         lp = policy(b)
     out = orpo_loss(lp, b.pair, b.kind, b.n_pairs, 0.1, False, float((b.kind == 1).sum()), float(b.n_pairs))

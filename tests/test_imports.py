@@ -1,4 +1,4 @@
-"""Imports point one way: config <- data, model, loss, attention <- forward <- checkpoint, evaluate <- train <- cli.
+"""Imports point one way: config <- data, model, loss, attention <- forward <- support <- checkpoint, evaluate <- train <- cli.
 
 report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli."""
 
@@ -17,10 +17,11 @@ ALLOWED = {
     "model": {"errors", "config"},
     "progress": set(),
     "forward": {"attention", "data", "errors", "loss", "model"},
+    "support": {"attention", "data", "errors", "forward", "loss", "model"},
     "checkpoint": {"errors"},
-    "evaluate": {"data", "forward", "loss", "model", "errors"},
+    "evaluate": {"data", "forward", "loss", "model", "errors", "support"},
     "train": {"checkpoint", "config", "data", "errors", "evaluate", "export", "forward", "loss", "model", "progress",
-              "report"},
+              "report", "support"},
     "export": {"config", "errors", "model"},
     "cli": {"config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer

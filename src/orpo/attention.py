@@ -2,22 +2,31 @@
 
 Registered with transformers as the attention implementation ``"orpo_blocks"``; a model switched to it
 (see :func:`enable`) calls :func:`block_attention` in every layer with the batch's ``Layout``
-passed through as the ``orpo_layout`` keyword. Per group it runs two kinds of SDPA call:
+passed through as the ``orpo_layout`` keyword. Per group it makes two kinds of call to the model's
+*own* attention function (its SDPA, or its eager one with soft-capping or sinks, whatever it was
+loaded with):
 
 - the prompt and its first completion, causally: ``q, k, v = x[s : s+P+C1]``;
 - every further completion against the prompt and itself: ``q = x[c : c+C]``, ``k = [x_prompt; x_c]``,
   with a mask that shows the whole prompt and the completion causally.
 
+A sliding window (the layer's ``sliding_window`` keyword) is applied in *logical* positions, the ones
+the completion would have in its own sequence: query at position i sees keys j with i - W < j <= i.
+
 A dense (T, T) mask over a packed row would compute every masked block too (on CPU, SDPA does not skip
 them) and grows quadratically with the packed length; this computes only the blocks that are seen.
+Whether the result equals the model's own forward is not assumed: ``orpo.support`` proves it on the
+model at start-up.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
-import torch.nn.functional as F
 
 NAME = "orpo_blocks"
+INNER = "_orpo_inner_attn"  # config attribute: the implementation the model was loaded with
 
 
 _COMPILED_FLEX = None
@@ -33,53 +42,76 @@ def _flex_attention():
     return _COMPILED_FLEX
 
 
-def flex_block_mask(layout, length: int, device):
+def flex_block_mask(layout, length: int, device, window: int | None = None):
     """The layout as a FlexAttention BlockMask over rows padded to ``length``: one fused kernel per layer
-    that skips every fully masked 128x128 tile (GPU only: FlexAttention has no CPU backward)."""
+    that skips every fully masked 128x128 tile (GPU only: FlexAttention has no CPU backward). With
+    ``window``, keys more than ``window - 1`` logical positions back are hidden too."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg = torch.full((layout.rows, length), -1, dtype=torch.int32)
     blk = torch.zeros((layout.rows, length), dtype=torch.int32)
+    pos = torch.zeros((layout.rows, length), dtype=torch.int32)
     for gid, g in enumerate(layout.groups):
         seg[g.row, g.start : g.end] = gid
+        pos[g.row, g.start : g.start + g.prompt_len] = torch.arange(g.prompt_len, dtype=torch.int32)
         for k, (cs, n) in enumerate(g.completions, start=1):
             blk[g.row, cs : cs + n] = k
-    seg, blk = seg.to(device), blk.to(device)
+            pos[g.row, cs : cs + n] = g.prompt_len + torch.arange(n, dtype=torch.int32)
+    seg, blk, pos = seg.to(device), blk.to(device), pos.to(device)
+    w = window if window is not None else 1 << 30
 
     def mask_mod(b, h, q, kv):
-        return (seg[b, q] == seg[b, kv]) & (kv <= q) & ((blk[b, kv] == 0) | (blk[b, kv] == blk[b, q]))
+        same = (seg[b, q] == seg[b, kv]) & (kv <= q) & ((blk[b, kv] == 0) | (blk[b, kv] == blk[b, q]))
+        return same & (pos[b, kv] > pos[b, q] - w)
 
     return create_block_mask(mask_mod, B=layout.rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def inner_attention(module, config):
+    """The attention function the model was loaded with: transformers' registered one, or the model
+    file's own ``eager_attention_forward`` (where soft-capping and sinks live)."""
+    name = getattr(config, INNER, None) or "sdpa"
+    if name == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn, True
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward, False
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name], False
 
 
 @torch.compiler.disable  # data-dependent loops over the layout: compiled layers call it as it is
 def block_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     """query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers expects."""
-    block_mask = kwargs.get("orpo_block_mask")
+    block_mask = kwargs.pop("orpo_block_mask", None)
+    layout = kwargs.pop("orpo_layout", None)
     if block_mask is not None:
         out = _flex_attention()(query, key, value, block_mask=block_mask, scale=scaling,
                                 enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
-    layout = kwargs.get("orpo_layout")
-    if layout is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise RuntimeError("orpo_blocks attention does not support attention softcapping; use --attention mask")
+    fn, additive = inner_attention(module, module.config)
+    if layout is None:  # generation, or a forward outside orpo: the model's own attention, as loaded
+        return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     window = kwargs.get("sliding_window")
-    gqa = query.shape[1] != key.shape[1]
-    p_drop = dropout if module.training else 0.0
-    rows = [
-        _row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, p_drop, scaling, gqa)
-        for r, groups in enumerate(layout.by_row())
-    ]
+
+    def attend(q, k, v, mask):
+        if mask is not None:
+            mask = mask[None, None]  # (1, 1, Q, K), as transformers' attention functions expect
+        if mask is not None and additive:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        return fn(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+
+    rows = [_row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, attend, additive)
+            for r, groups in enumerate(layout.by_row())]
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
 
 
-def _row_attention(q, k, v, groups, layout, window, p_drop, scaling, gqa):
-    """One row: q (1, H, T, D), k/v (1, KV, T, D) -> (1, H, T, D).
+def _row_attention(q, k, v, groups, layout, window, attend, need_mask):
+    """One row: q (1, H, T, D), k/v (1, KV, T, D) -> (1, T, H, D).
 
     The row is cut once with ``split`` into its pieces (queries: prompt+first completion, then each
     further completion; keys/values: prompt, then each completion), so the backward pass stitches the
@@ -89,11 +121,6 @@ def _row_attention(q, k, v, groups, layout, window, p_drop, scaling, gqa):
     q_sizes, kv_sizes, plan = [], [], []
     cursor = 0
     for g in groups:
-        if window is not None and g.end - g.start > window:
-            raise RuntimeError(
-                f"a pair of {g.end - g.start} tokens exceeds the model's sliding window ({window}); "
-                "use --attention mask or a smaller --max-length"
-            )
         if g.start > cursor:  # padding between groups: no queries attend to it
             q_sizes.append(g.start - cursor)
             kv_sizes.append(g.start - cursor)
@@ -111,40 +138,63 @@ def _row_attention(q, k, v, groups, layout, window, p_drop, scaling, gqa):
     out, qi, ki = [], 0, 0
     for item in plan:
         if item is None:
-            out.append(qs[qi].new_zeros(qs[qi].shape))
+            out.append(qs[qi].new_zeros(qs[qi].shape).transpose(1, 2))
             qi, ki = qi + 1, ki + 1
             continue
         p, lens = item
         kp, vp = ks[ki], vs[ki]
-        # prompt and first completion: plain causal attention over their concatenation
-        out.append(F.scaled_dot_product_attention(
-            qs[qi], torch.cat((kp, ks[ki + 1]), dim=2), torch.cat((vp, vs[ki + 1]), dim=2),
-            is_causal=True, dropout_p=p_drop, scale=scaling, enable_gqa=gqa))
-        # every further completion: the whole prompt, then itself causally
-        for j, n in enumerate(lens[1:], start=2):
-            out.append(F.scaled_dot_product_attention(
-                qs[qi + j - 1], torch.cat((kp, ks[ki + j]), dim=2), torch.cat((vp, vs[ki + j]), dim=2),
-                attn_mask=layout.suffix_mask(p, n, q.device), dropout_p=p_drop, scale=scaling, enable_gqa=gqa))
+        for j, n in enumerate(lens, start=1):
+            # the first completion runs with the prompt as queries too: plain causal attention over both;
+            # every further one sees the whole prompt, then itself causally
+            first = j == 1
+            windowed = window is not None and p + n > window
+            mask = None
+            if windowed or need_mask or not first:
+                mask = layout.block_mask(p, n, first, window if windowed else None, q.device)
+            out.append(attend(qs[qi + j - 1], torch.cat((kp, ks[ki + j]), dim=2),
+                              torch.cat((vp, vs[ki + j]), dim=2), mask))
         qi += len(lens)
         ki += 1 + len(lens)
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
+def _mask_fn(**kwargs):
+    """The mask transformers builds when no layout is given: the inner implementation's own kind."""
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    inner = getattr(kwargs.get("config"), INNER, None)
+    return (eager_mask if inner == "eager" else sdpa_mask)(**kwargs)
 
 
 def register() -> None:
-    """Make ``"orpo_blocks"`` known to transformers. Without a layout (generation, say) it is plain SDPA
-    with transformers' own SDPA masks, so a model can stay switched to it for a whole run."""
+    """Make ``"orpo_blocks"`` known to transformers. Without a layout (generation, say) it is the model's
+    own attention with its own masks, so a model can stay switched to it for a whole run."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, block_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask_fn)
 
 
 def enable(config) -> None:
     """Switch a model config to block attention. It stays switched: gradient checkpointing recomputes
     the forward inside the backward pass, which must see the same attention."""
     register()
-    config._attn_implementation = NAME
+    if config._attn_implementation != NAME:
+        setattr(config, INNER, config._attn_implementation)
+        config._attn_implementation = NAME
+
+
+def disable(config) -> None:
+    """Back to the implementation the model was loaded with."""
+    inner = getattr(config, INNER, None)
+    if config._attn_implementation == NAME and inner:
+        config._attn_implementation = inner
+
+
+def loaded_attention(config) -> str:
+    """The implementation the model was loaded with, whether or not it is switched now."""
+    return getattr(config, INNER, None) if config._attn_implementation == NAME else config._attn_implementation
 
 
 def placeholder_mask(rows: int, device) -> torch.Tensor:

@@ -72,6 +72,12 @@ class TrainConfig:
     load_in_4bit: bool = opt(
         False, "QLoRA: load the base weights in 4-bit NF4 (bitsandbytes, CUDA only) and train LoRA on top.", "model"
     )
+    keep_dropout: bool = opt(
+        False,
+        "Keep the model's dropout on during training; by default it is switched off, as TRL's "
+        "disable_dropout does, because it makes chosen and rejected log-probs noisy.",
+        "model",
+    )
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass: less memory, about 30% more time.", "model"
     )
@@ -146,11 +152,14 @@ class TrainConfig:
     packing: bool = opt(True, "Put a micro-batch's pairs in one row with no padding.", "speed")
     attention: str = opt(
         "auto",
-        "How the pair structure is enforced: 'blocks' runs attention per prompt/completion block "
-        "(exact, no wasted work), 'flex' one FlexAttention kernel with a block mask (CUDA), 'mask' a 4D "
-        "mask given to the model's own attention; 'auto': flex on CUDA, blocks on CPU.",
+        "How the pair structure is enforced: 'blocks' runs the model's own attention per "
+        "prompt/completion block (exact, no wasted work), 'flex' one FlexAttention kernel with a block mask "
+        "(CUDA), 'mask' a 4D mask given to the model's own attention, 'separate' one sequence per row through "
+        "the model's own forward (what TRL does); 'auto': the fastest of these that a start-up check proves "
+        "gives the model's own log-probs (flex on CUDA, blocks on CPU, where the model allows). A forced mode "
+        "that fails the check is an error.",
         "speed",
-        choices=("auto", "blocks", "flex", "mask"),
+        choices=("auto", "blocks", "flex", "mask", "separate"),
     )
     compile: bool = opt(
         False, "torch.compile each decoder layer (fuses norms, RoPE and activations; the first steps compile).",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .data.batching import collate, nll_tokens
+from .data.batching import nll_tokens
 from .data.templates import TokenizedPair
 from .loss import metric_vector, orpo_loss, summarize
 
@@ -22,22 +22,22 @@ def evaluate_pairs(
     beta: float,
     prompt_in_nll: bool,
     batch_size: int = 8,
-    prefix_sharing: bool = True,
-    packing: bool = True,
+    collate_fn=None,
     pad_id: int = 0,
     device=None,
     autocast=None,
     reduce=None,
 ) -> dict[str, float]:
     """Eval metrics over ``pairs`` (this process's share). ``reduce`` sums a tensor across processes;
-    ``autocast`` is a context manager factory for mixed precision."""
+    ``autocast`` is a context manager factory for mixed precision; ``collate_fn(pairs, prompt_in_nll,
+    pad_id)`` lays a batch out (the policy's own ``collate``, by default)."""
     was_training = policy.training
     policy.eval()
     total = None
     nll_norm = float(sum(nll_tokens(p, prompt_in_nll) for p in pairs)) or 1.0
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
-        batch = collate(chunk, prefix_sharing=prefix_sharing, packing=packing, prompt_in_nll=prompt_in_nll, pad_id=pad_id)
+        batch = (collate_fn or _unwrap(policy).collate)(chunk, prompt_in_nll, pad_id)
         if device is not None:
             batch = batch.to(device)
         ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
@@ -56,6 +56,12 @@ def evaluate_pairs(
     metrics = summarize(total, beta)
     metrics["pairs"] = int(total[3].item())
     return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def _unwrap(policy):
+    while not hasattr(policy, "collate") and hasattr(policy, "module"):
+        policy = policy.module
+    return policy
 
 
 @torch.no_grad()
@@ -121,8 +127,9 @@ def evaluate_model(cfg) -> dict:
     import sys
 
     from .data.prepare import prepare_pairs
-    from .forward import PolicyForward, resolve_attention
-    from .model import load_model, load_tokenizer, resolve_model
+    from .forward import PolicyForward
+    from .model import disable_dropout, load_model, load_tokenizer, resolve_model
+    from .support import choose_paths
 
     folder = resolve_model(cfg.model)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
@@ -132,11 +139,13 @@ def evaluate_model(cfg) -> dict:
     print(report, file=sys.stderr, flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, device=device)
-    policy = PolicyForward(model, resolve_attention(cfg.attention, device), cfg.logits_chunk)
+    disable_dropout(model)
+    paths = choose_paths(model, cfg, device, lambda msg: print(msg, file=sys.stderr, flush=True))
+    policy = PolicyForward(model, paths, cfg.logits_chunk)
     bf16 = cfg.precision == "bf16"
     metrics = evaluate_pairs(
         policy, pairs, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 4),
-        prefix_sharing=cfg.prefix_sharing, packing=cfg.packing, pad_id=tokenizer.pad_token_id or 0, device=device,
+        pad_id=tokenizer.pad_token_id or 0, device=device,
         autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
     )
     metrics["eval_truncated_prompts"] = stats.prompt_truncated

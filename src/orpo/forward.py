@@ -1,24 +1,65 @@
-"""One forward pass of the policy over a packed batch, returning the log-prob of every scored token.
+"""One forward pass of the policy over a batch, returning the log-prob of every scored token.
 
 ``PolicyForward`` wraps the (possibly peft) model in one module whose ``forward`` does everything the
-loss needs, so Accelerate can wrap *it* in DDP/FSDP and their hooks see the whole computation. It runs
-the decoder to the final hidden states, gathers only the positions that predict a scored token, and
-computes their log-probs chunk by chunk from the lm-head weight, so no (T, V) logits tensor exists.
+loss needs, so Accelerate can wrap *it* in DDP/FSDP and their hooks see the whole computation. Which
+way it runs is a :class:`orpo.support.Paths`, decided for the model in hand by ``orpo.support``:
+
+- attention "blocks" / "flex" / "mask": a packed, prefix-shared row through block attention, one
+  FlexAttention kernel, or a dense 4D mask given to the model's own attention;
+  "separate": one sequence per right-padded row through the model's own forward and its own mask;
+- head "linear": the final hidden states of the scored positions only, log-probs chunk by chunk from
+  the lm-head weight (no (T, V) logits tensor), with the model's logit scale folded in;
+  "module": the model's head module chunk by chunk, then its scale and soft-cap;
+  "model": the model's whole forward with ``logits_to_keep``, whatever its head does.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from . import attention
-from .data.batching import Batch
+from .data.batching import Batch, collate
 from .loss import linear_logps
 from .model import base_causal_lm
 
 
+@dataclass
+class Paths:
+    """How a run computes its log-probs (see the module docstring), and why: decided by ``orpo.support``."""
+
+    attention: str = "separate"
+    prefix_sharing: bool = False
+    packing: bool = False
+    head: str = "model"
+    reason: str = ""
+    rejected: dict = field(default_factory=dict)  # candidate -> why it was not used
+
+    @property
+    def name(self) -> str:
+        return f"{self.attention}/{self.head}"
+
+    def line(self) -> str:
+        """The one line a run prints about its path."""
+        if self.attention == "separate":
+            return f"fallback: one sequence per row, {_head_words(self.head)} ({self.reason})"
+        parts = [self.attention] + [w for w, on in (("prefix sharing", self.prefix_sharing),
+                                                      ("packing", self.packing)) if on]
+        return f"attention: {' + '.join(parts)}; {_head_words(self.head)} ({self.reason})"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _head_words(head: str) -> str:
+    return {"linear": "chunked lm-head", "module": "the model's head chunk by chunk",
+            "model": "the model's own head"}[head]
+
+
 def resolve_attention(name: str, device: torch.device) -> str:
-    """The attention mode to use: 'auto' is FlexAttention on CUDA and per-block SDPA elsewhere."""
+    """The first attention mode to try: 'auto' is FlexAttention on CUDA and per-block SDPA elsewhere."""
     if name == "auto":
         return "flex" if device.type == "cuda" else "blocks"
     if name == "flex" and device.type != "cuda":
@@ -28,76 +69,135 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
-class PolicyForward(nn.Module):
-    """``forward(batch) -> (N,) fp32 log p of batch.target``.
+def head_transform(config) -> tuple[float, float | None]:
+    """(scale, soft-cap) the model applies to its lm-head output: Cohere multiplies by ``logit_scale``,
+    Granite divides by ``logits_scaling``, Gemma-2 soft-caps with ``final_logit_softcapping``."""
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    return scale, getattr(config, "final_logit_softcapping", None) or None
 
-    attention: "blocks" (per-group SDPA, see ``orpo.attention``), "flex" (one FlexAttention kernel with a
-    block mask; CUDA only) or "mask" (a dense 4D bool mask given to the model's own attention).
+
+def layer_windows(config) -> dict | int | None:
+    """The sliding windows the dense mask must carry: {layer type: window or None} for configs with
+    per-layer types, else one window for every layer (or None)."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None)
+    if types:
+        return {t: (window if "sliding" in t else None) for t in set(types)}
+    return window
+
+
+class PolicyForward(nn.Module):
+    """``forward(batch) -> (N,) fp32 log p of batch.target``, the way ``paths`` says.
+
+    paths: a checked :class:`orpo.support.Paths`, or just an attention mode name (tests and benchmarks:
+    prefix sharing and packing on, the head picked from its type alone, nothing checked).
     chunk: tokens per lm-head chunk (0: automatic).
     """
 
-    def __init__(self, model: nn.Module, attention_mode: str = "blocks", chunk: int = 0):
+    def __init__(self, model: nn.Module, paths="blocks", chunk: int = 0):
         super().__init__()
-        self.model = model
-        self.attention_mode = attention_mode
-        self.chunk = chunk
         lm = base_causal_lm(model)
-        head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
-        if attention_mode == "flex" and head_dim < 16:
-            self.attention_mode = attention_mode = "blocks"  # FlexAttention's kernels need head_dim >= 16
-        if attention_mode in ("blocks", "flex"):
+        if isinstance(paths, str):
+            head = lm.get_output_embeddings()
+            plain = type(head) is nn.Linear and head_transform(lm.config)[1] is None
+            paths = Paths(paths, True, True, "linear" if plain else "module", reason="unchecked")
+        self.model = model
+        self.paths = paths
+        self.chunk = chunk
+        if paths.attention in ("blocks", "flex"):
             attention.enable(lm.config)
-        head = lm.get_output_embeddings()
-        # Our chunked head needs a plain linear lm-head; anything else (logit softcapping, scaling,
-        # a wrapped head) goes through the module itself.
-        softcap = getattr(lm.config, "final_logit_softcapping", None) or getattr(lm.config, "logit_scale", None)
-        self.plain_head = isinstance(head, nn.Linear) and type(head) is nn.Linear and not softcap
-        # FSDP's auto-wrap reads which blocks must not be split from the top module it is given.
-        self._no_split_modules = getattr(lm, "_no_split_modules", None)
+        else:
+            attention.disable(lm.config)
+        self.scale, self.softcap = head_transform(lm.config)
+        self.windows = layer_windows(lm.config)
+        self.window = min([w for w in self.windows.values() if w] or [None]) if isinstance(self.windows, dict) \
+            else self.windows
+        # the chunked head reads the weight directly (DeepSpeed ZeRO-3 must gather it for the whole forward)
+        self.plain_head = paths.head == "linear"
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)  # read by FSDP's auto-wrap
+
+    def collate(self, pairs, prompt_in_nll: bool, pad_id: int = 0) -> Batch:
+        """A micro-batch laid out the way this forward runs it."""
+        return collate(pairs, self.paths.prefix_sharing, self.paths.packing, prompt_in_nll, pad_id)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         lm = base_causal_lm(self.model)
-        decoder = lm.get_decoder()
-        kwargs = {}
-        ids, pos, src = batch.input_ids, batch.position_ids, batch.src
-        if self.attention_mode == "flex":
+        ids, src = batch.input_ids, batch.src
+        kwargs = dict(input_ids=ids, position_ids=batch.position_ids, use_cache=False)
+        mode = self.paths.attention
+        if mode == "flex":
             # Pad each row to a multiple of 128 (FlexAttention's tile) and move the gather indices with it.
             t = ids.shape[1]
             t_pad = -(-t // 128) * 128
             if t_pad != t:
-                ids = torch.nn.functional.pad(ids, (0, t_pad - t))
-                pos = torch.nn.functional.pad(pos, (0, t_pad - t))
+                kwargs["input_ids"] = torch.nn.functional.pad(ids, (0, t_pad - t))
+                kwargs["position_ids"] = torch.nn.functional.pad(batch.position_ids, (0, t_pad - t))
                 src = (src // t) * t_pad + src % t
-            mask = attention.placeholder_mask(batch.layout.rows, ids.device)
-            kwargs["orpo_block_mask"] = attention.flex_block_mask(batch.layout, t_pad, ids.device)
-        elif self.attention_mode == "blocks":
-            mask = attention.placeholder_mask(batch.layout.rows, ids.device)
+            kwargs["attention_mask"] = attention.placeholder_mask(batch.layout.rows, ids.device)
+            kwargs["orpo_block_mask"] = attention.flex_block_mask(batch.layout, t_pad, ids.device, self.window)
+        elif mode == "blocks":
+            kwargs["attention_mask"] = attention.placeholder_mask(batch.layout.rows, ids.device)
             kwargs["orpo_layout"] = batch.layout
-        else:
-            mask = batch.layout.dense_mask(ids.device)
-        out = decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False, **kwargs)
+        elif mode == "mask":
+            kwargs["attention_mask"] = self._dense_masks(lm, batch)
+        else:  # separate: the model's own positions and mask, as TRL runs it
+            del kwargs["position_ids"]
+            kwargs["attention_mask"] = batch.layout.padding_mask(ids.device)
+        if self.paths.head == "model":
+            return self._model_head_logps(lm, kwargs, src, batch.target)
+        out = lm.get_decoder()(**kwargs)
         hidden = out.last_hidden_state.flatten(0, 1).index_select(0, src)
         head = lm.get_output_embeddings()
         if self.plain_head:
+            if self.scale != 1.0:  # (s h) W^T = s (h W^T): the scale rides on the hidden state
+                hidden = hidden * self.scale
             return linear_logps(hidden, head.weight, batch.target, head.bias, chunk=self.chunk)
-        return _module_logps(lm, head, hidden, batch.target, self.chunk or 1024)
+        return _module_logps(head, hidden, batch.target, self.chunk or 1024, self.scale, self.softcap)
+
+    def _dense_masks(self, lm, batch: Batch):
+        """The layout as the model's own attention expects it: bool for SDPA, additive for eager, and one
+        mask per layer type where layers differ (sliding windows)."""
+        dev = batch.input_ids.device
+        additive = attention.loaded_attention(lm.config) == "eager"
+
+        def one(window):
+            m = batch.layout.dense_mask(dev, window)
+            if additive:
+                dtype = lm.get_input_embeddings().weight.dtype
+                return torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill_(~m, torch.finfo(dtype).min)
+            return m
+
+        if isinstance(self.windows, dict):
+            return {t: one(w) for t, w in self.windows.items()}
+        return one(self.windows)
+
+    def _model_head_logps(self, lm, kwargs, src, targets):
+        """The model's whole forward, logits only where a scored token is predicted (one row: exactly
+        those positions; several rows: every position, then the scored ones)."""
+        rows, t = kwargs["input_ids"].shape
+        keep = src if rows == 1 else 0
+        logits = lm(**kwargs, logits_to_keep=keep).logits
+        logits = logits[0] if rows == 1 else logits.flatten(0, 1).index_select(0, src)
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
-def _module_logps(lm, head, hidden, targets, chunk):
-    """Fallback for heads that are not a plain nn.Linear: the model's own head, one checkpointed chunk
-    at a time, so memory still stays at one chunk of logits."""
+def _module_logps(head, hidden, targets, chunk, scale=1.0, softcap=None):
+    """Heads that are not a plain linear map: the model's own head module, one checkpointed chunk at a
+    time (memory stays at one chunk of logits), then its scale and soft-cap."""
     from torch.utils.checkpoint import checkpoint
-
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    scale = getattr(lm.config, "logit_scale", None)
 
     def piece(h, t):
         logits = head(h).float()
-        if scale:
+        if scale != 1.0:
             logits = logits * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return torch.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
 
-    parts = [checkpoint(piece, hidden[s : s + chunk], targets[s : s + chunk], use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
+    parts = [checkpoint(piece, hidden[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
+             for s in range(0, hidden.shape[0], chunk)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

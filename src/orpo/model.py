@@ -8,6 +8,7 @@ the second run loads in seconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -161,9 +162,11 @@ def load_model(
     dtype=None,
     device=None,
     load_in_4bit: bool = False,
+    attn_implementation: str | None = None,
 ):
-    """A causal LM with fp32 (or ``dtype``) weights and SDPA attention; with ``load_in_4bit``, its
-    linear layers in NF4 on the current CUDA device, ready for LoRA (QLoRA)."""
+    """A causal LM with fp32 (or ``dtype``) weights and SDPA attention (eager where the model has no SDPA
+    path, or ``attn_implementation``); with ``load_in_4bit``, its linear layers in NF4 on the current
+    CUDA device, ready for LoRA (QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -181,15 +184,17 @@ def load_model(
                                                    bnb_4bit_compute_dtype=torch.bfloat16),
             device_map={"": torch.cuda.current_device()},
         )
+    load = functools.partial(AutoModelForCausalLM.from_pretrained, str(folder), dtype=dtype or torch.float32,
+                             trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
+                             **extra)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder),
-            dtype=dtype or torch.float32,
-            attn_implementation="sdpa",
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-            **extra,
-        )
+        try:
+            model = load(attn_implementation=attn_implementation or "sdpa")
+        except ValueError as e:
+            # Gemma-2, BLOOM, gpt-oss: transformers has no SDPA path for them; their own (eager) one is exact
+            if attn_implementation or "scaled_dot_product_attention" not in str(e):
+                raise
+            model = load(attn_implementation="eager")
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{folder}: this model needs its own code; pass --trust-remote-code if you trust it") from None
@@ -221,6 +226,31 @@ def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device):
     return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
 
 
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
+                  "attn_pdrop", "activation_dropout", "dropout_rate")
+
+
+def disable_dropout(model) -> int:
+    """Switch the model's dropout off, as TRL's ``disable_dropout`` does, and more thoroughly: every
+    ``nn.Dropout`` gets p = 0, and so do the float rates that attention layers read at each call
+    (``attention_dropout`` and kin, on modules and configs). Dropout makes the chosen and the rejected
+    log-probs noisy in different ways, and L_OR compares them. Returns how many rates changed."""
+    from torch import nn
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            changed += module.p != 0
+            module.p = 0.0
+        for obj in (module, getattr(module, "config", None)):
+            for name in _DROPOUT_ATTRS:
+                value = getattr(obj, name, None) if obj is not None else None
+                if isinstance(value, float) and value != 0.0:
+                    setattr(obj, name, 0.0)
+                    changed += 1
+    return changed
+
+
 def apply_liger(model) -> None:
     """Swap in Liger-Kernel's fused RMSNorm/RoPE/SwiGLU for the model's own (the loss stays ours)."""
     import importlib.util
@@ -235,14 +265,6 @@ def apply_liger(model) -> None:
 
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
-
-
-# Llama's RMSNorm and gated MLP (also Mistral's, Qwen2/3's and their kin) exactly as transformers writes
-# them; a module whose forward is anything else is left alone rather than replaced by a formula it
-# does not use.
-_RMS_NORM = ("hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
-             "return self.weight * hidden_states.to(input_dtype)")
-_GATED_MLP = ("self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",)
 
 
 def _lean_rms_norm_fn():
@@ -299,14 +321,34 @@ def _lean_mlp_forward(module, x):
     return module.down_proj(_gated(module.act_fn, gate, up))
 
 
-def _forward_matches(cls, fragments) -> bool:
-    import inspect
+def _same_numbers(module, lean_forward) -> bool:
+    """Whether ``lean_forward`` gives the module's own output and gradients (input and weights) on a
+    random input, in training mode: the proof a module needs before it is patched."""
+    import torch
 
+    params = [p for p in module.parameters() if p.requires_grad]
+    ref = next(iter(module.parameters()))
+    width = getattr(module, "hidden_size", None) or ref.shape[-1]
+    if getattr(module, "gate_proj", None) is not None:
+        width = module.gate_proj.weight.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 3, width, generator=gen).to(ref.device, ref.dtype)
+    was = module.training
+    module.train()
     try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
+        outs = []
+        for fwd in (lambda h: type(module).forward(module, h), lean_forward):
+            h = x.clone().requires_grad_(True)
+            y = fwd(h)
+            dy = torch.ones_like(y) + 0.1 * torch.arange(y.numel(), device=y.device, dtype=y.dtype).reshape(y.shape).sin()
+            outs.append((y.detach(), *torch.autograd.grad(y, [h, *params], dy, allow_unused=True)))
+    except Exception:
         return False
-    return all(f in source for f in fragments)
+    finally:
+        module.train(was)
+    tol = dict(rtol=1e-4, atol=1e-5) if ref.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    return all((a is None and b is None) or (a is not None and b is not None and torch.allclose(a, b, **tol))
+               for a, b in zip(*outs))
 
 
 def lean_activations(model) -> int:
@@ -317,25 +359,27 @@ def lean_activations(model) -> int:
 
     The norm's forward is Llama's op for op and its backward the closed form (equal within fp32
     rounding); the MLP's recomputation runs the model's own activation on the same input
-    (non-reentrant ``torch.utils.checkpoint``, bitwise equal). Only instance ``forward`` attributes
-    change: weights, state dict and saving are untouched, and in eval or under ``no_grad`` the original
-    forward runs. Not for sharded engines (ZeRO-3 gathers weights in module hooks that a recomputation
-    would bypass), layer checkpointing (which recomputes everything anyway) or Liger and
-    ``torch.compile`` (which fuse these ops themselves). Returns how many modules changed."""
+    (non-reentrant ``torch.utils.checkpoint``, bitwise equal). A module is patched only after its
+    patched forward and backward are checked against its own on a random input (a norm with another
+    formula, Gemma's ``1 + weight`` say, or an MLP wired otherwise is left alone). Only instance
+    ``forward`` attributes change: weights, state dict and saving are untouched, and in eval or under
+    ``no_grad`` the original forward runs. Not for sharded engines (ZeRO-3 gathers weights in module
+    hooks that a recomputation would bypass), layer checkpointing (which recomputes everything anyway)
+    or Liger and ``torch.compile`` (which fuse these ops themselves). Returns how many modules changed."""
     import functools
 
     norm_fn = _lean_rms_norm_fn()
     changed = 0
     for module in base_causal_lm(model).get_decoder().modules():
-        cls = type(module)
-        if hasattr(module, "weight") and hasattr(module, "variance_epsilon") and _forward_matches(cls, _RMS_NORM):
-            module.forward = functools.partial(_lean_norm_forward, module, norm_fn)
-        elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
-                and _forward_matches(cls, _GATED_MLP):
-            module.forward = functools.partial(_lean_mlp_forward, module)
+        if hasattr(module, "weight") and hasattr(module, "variance_epsilon") and getattr(module, "weight") is not None:
+            lean = functools.partial(_lean_norm_forward, module, norm_fn)
+        elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            lean = functools.partial(_lean_mlp_forward, module)
         else:
             continue
-        changed += 1
+        if _same_numbers(module, lean):
+            module.forward = lean
+            changed += 1
     return changed
 
 

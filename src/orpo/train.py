@@ -26,7 +26,6 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
-from .data import collate
 from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
@@ -34,7 +33,8 @@ from .errors import UserError
 from .evaluate import evaluate_pairs, generate
 from .export import write_model_card
 from .report import write_report_safe
-from .forward import PolicyForward, resolve_attention
+from .forward import PolicyForward
+from .support import choose_paths
 from .loss import metric_vector, orpo_loss, summarize
 from .model import (
     add_lora,
@@ -44,6 +44,7 @@ from .model import (
     check_model_source,
     compile_layers,
     count_parameters,
+    disable_dropout,
     enable_activation_checkpointing,
     lean_activations,
     load_model,
@@ -336,6 +337,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit)
     if cfg.liger:
         apply_liger(model)
+    if not cfg.keep_dropout:
+        disable_dropout(model)
+    paths = choose_paths(model, cfg, device, say)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     elif (cfg.lean_activations if cfg.lean_activations is not None else device.type == "cpu") \
@@ -348,7 +352,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         compile_layers(model)
     trainable, total = count_parameters(model)
     say(f"model: {folder} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{', LoRA' if cfg.lora else ''})")
-    policy = PolicyForward(model, attention_mode=resolve_attention(cfg.attention, device), chunk=cfg.logits_chunk)
+    policy = forward = PolicyForward(model, paths, chunk=cfg.logits_chunk)
 
     data_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else cfg.seed
     plan = StepPlan(len(train_pairs), cfg.batch_size, cfg.grad_accum, world, data_seed, cfg.epochs, cfg.max_steps)
@@ -406,7 +410,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         mine = eval_pairs[rank::world] if eval_pairs is not None else []
         m = evaluate_pairs(
             policy, mine, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 2),
-            prefix_sharing=cfg.prefix_sharing, packing=cfg.packing, pad_id=pad_id, device=device,
+            collate_fn=forward.collate, pad_id=pad_id, device=device,
             autocast=autocast, reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(),
         )
         row = {"step": step, "epoch": round(min(step, total_steps) / plan.steps_per_epoch, 4), **m}
@@ -449,7 +453,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 weight = 1.0
                 if len(idx) == 0:  # a short last step: keep every process in lockstep, add nothing
                     idx, weight = step_idx[:1], 0.0
-                batch = collate([train_pairs[i] for i in idx], cfg.prefix_sharing, cfg.packing, cfg.prompt_in_nll, pad_id).to(device)
+                batch = forward.collate([train_pairs[i] for i in idx], cfg.prompt_in_nll, pad_id).to(device)
                 last = m == len(micro) - 1
                 sync = accelerator.no_sync(policy) if (world > 1 and not last and not deepspeed) else _nullcontext()
                 with sync:
@@ -560,6 +564,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         summary = {
             "steps": step, "time_s": round(time.time() - t0, 2), "final": last_row, "eval": eval_last,
             "data": data_counts, "answer_accuracy": accuracy, "model_dir": str(model_dir),
+            "paths": paths.as_dict(),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         write_model_card(model_dir, out)

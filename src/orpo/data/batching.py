@@ -57,31 +57,50 @@ class Layout:
             out[g.row].append(g)
         return out
 
-    def suffix_mask(self, prompt_len: int, length: int, device) -> torch.Tensor:
-        """Bool (length, prompt_len + length): a completion sees the whole prompt and itself causally."""
-        key = (prompt_len, length, str(device))
+    def block_mask(self, prompt_len: int, length: int, first: bool, window: int | None, device) -> torch.Tensor:
+        """Bool (Q, prompt_len + length) for one block of :mod:`orpo.attention`: the first completion's
+        block has the prompt as queries too (Q = prompt_len + length), a further completion only itself
+        (Q = length). Keys are the prompt then the completion, at logical positions 0..P+C-1; a query
+        sees the keys at or before its own logical position, and with ``window`` only the last
+        ``window`` of them (transformers' rule: k > q - window)."""
+        key = (prompt_len, length, first, window, str(device))
         m = self._masks.get(key)
         if m is None:
-            q = torch.arange(length, device=device)[:, None]
             k = torch.arange(prompt_len + length, device=device)[None, :]
-            m = (k < prompt_len) | (k - prompt_len <= q)
+            q = torch.arange(prompt_len + length if first else length, device=device)[:, None]
+            q = q if first else q + prompt_len
+            m = k <= q
+            if window is not None:
+                m &= k > q - window
             self._masks[key] = m
         return m
 
-    def dense_mask(self, device) -> torch.Tensor:
-        """The same structure as a (rows, 1, T, T) bool mask for a model's own attention. Positions that
-        hold padding attend only to themselves, so no softmax row is empty."""
+    def dense_mask(self, device, window: int | None = None) -> torch.Tensor:
+        """The same structure as a (rows, 1, T, T) bool mask for a model's own attention, with an
+        optional sliding window in logical positions. Positions that hold padding attend only to
+        themselves, so no softmax row is empty."""
         t = self.length
         mask = torch.zeros(self.rows, 1, t, t, dtype=torch.bool, device=device)
         idx = torch.arange(t, device=device)
         mask[:, 0, idx, idx] = True
         for g in self.groups:
-            p0, p1 = g.start, g.start + g.prompt_len
-            mask[g.row, 0, p0:p1, p0:p1] = torch.ones(g.prompt_len, g.prompt_len, dtype=torch.bool, device=device).tril()
-            for cs, n in g.completions:
-                mask[g.row, 0, cs : cs + n, p0:p1] = True
-                mask[g.row, 0, cs : cs + n, cs : cs + n] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            p0, p = g.start, g.prompt_len
+            for j, (cs, n) in enumerate(g.completions):
+                # queries: the prompt too for the first completion; keys: the prompt, then this completion
+                q_rows = torch.cat((torch.arange(p0, p0 + p, device=device), torch.arange(cs, cs + n, device=device)))
+                blk = self.block_mask(p, n, True, window, device)  # logical positions 0..p+n-1 both ways
+                if j > 0:
+                    q_rows, blk = q_rows[p:], blk[p:]
+                k_cols = torch.cat((torch.arange(p0, p0 + p, device=device), torch.arange(cs, cs + n, device=device)))
+                mask[g.row, 0, q_rows[:, None], k_cols[None, :]] = blk
         return mask
+
+    def padding_mask(self, device) -> torch.Tensor:
+        """(rows, T) long, 1 on the tokens of each row's groups: the 2D mask of one sequence per row."""
+        mask = torch.zeros(self.rows, self.length, dtype=torch.long)
+        for g in self.groups:
+            mask[g.row, g.start : g.end] = 1
+        return mask.to(device)
 
 
 @dataclass

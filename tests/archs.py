@@ -1,0 +1,81 @@
+"""Tiny random models of the architectures people fine-tune, built from configs (no network).
+
+Weights are drawn at std 0.3, large enough that a token seeing what it must not moves the log-probs,
+and every sliding window (W = 12) is shorter than the test pairs. Hybrids get one layer of each kind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 400
+W = 12
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+_LINEAR_ATTN = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+
+# name -> (config overrides, the attention mode `decide` must pick on CPU)
+ARCHS = {
+    "llama": (dict(), "blocks"),
+    "qwen2": (dict(), "blocks"),
+    "qwen2-window": (dict(_type="qwen2", use_sliding_window=True, sliding_window=W, max_window_layers=0,
+                          layer_types=["sliding_attention", "full_attention"]), "blocks"),
+    "qwen3": (dict(head_dim=16), "blocks"),
+    "gemma": (dict(head_dim=16), "blocks"),
+    "gemma2": (dict(head_dim=16, sliding_window=W, attn_logit_softcapping=50.0, final_logit_softcapping=30.0), "blocks"),
+    "gemma3": (dict(_type="gemma3_text", head_dim=16, sliding_window=W,
+                    layer_types=["sliding_attention", "full_attention"]), "blocks"),
+    "gemma4": (dict(_type="gemma4_text", sliding_window=W), "blocks"),
+    "mistral": (dict(sliding_window=W), "blocks"),
+    "phi": (dict(_drop=("num_key_value_heads",)), "blocks"),
+    "phi3": (dict(sliding_window=W), "blocks"),
+    "gpt_neox": (dict(_drop=("num_key_value_heads",)), "blocks"),
+    "opt": (dict(), "blocks"),
+    "gpt2": (dict(), "blocks"),
+    "olmo2": (dict(), "blocks"),
+    "smollm3": (dict(), "blocks"),
+    "starcoder2": (dict(sliding_window=W), "blocks"),
+    "mixtral": (dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=W), "blocks"),
+    "cohere": (dict(logit_scale=0.5), "blocks"),
+    "granite": (dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
+                     attention_multiplier=0.3), "blocks"),
+    "gpt_oss": (dict(sliding_window=W, num_local_experts=4, num_experts_per_tok=2, head_dim=16), "blocks"),
+    "bloom": (dict(), "separate"),  # ALiBi from the 2D mask: a packed row cannot carry it
+    "lfm2": (dict(layer_types=["conv", "full_attention"]), "separate"),
+    "qwen3_5": (dict(_type="qwen3_5_text", layer_types=["linear_attention", "full_attention"], head_dim=16,
+                     **_LINEAR_ATTN), "separate"),
+    "qwen3_next": (dict(layer_types=["linear_attention", "full_attention"], head_dim=16, num_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                        **_LINEAR_ATTN), "separate"),
+    "granitemoehybrid": (dict(layer_types=["mamba", "attention"], logits_scaling=2.0, mamba_d_state=8, mamba_n_heads=4,
+                              mamba_d_head=32, mamba_chunk_size=16), "separate"),
+    "jamba": (dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                   num_experts=2), "separate"),
+    "falcon_h1": (dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=16,
+                       mamba_n_groups=1), "separate"),
+}
+
+
+def build(name: str, seed: int = 0, std: float = 0.3):
+    """A tiny random fp32 model of architecture ``name`` (a key of ARCHS), loaded the way orpo loads
+    models (SDPA where transformers has it, else eager)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    spec = dict(ARCHS[name][0])
+    model_type = spec.pop("_type", name.split("-")[0])
+    drop = spec.pop("_drop", ())
+    kwargs = {k: v for k, v in COMMON.items() if k not in drop}
+    kwargs.update(spec)
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    except ValueError:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, std)
+    return model
