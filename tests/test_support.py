@@ -112,7 +112,8 @@ def test_a_head_transform_we_miss_falls_back_to_the_models_head(models, name, mo
 
     monkeypatch.setattr(fwd, "head_transform", lambda config: (1.0, None))
     paths = support.decide(_model(models, name), max_length=64)
-    assert paths.head == "model" and "log-probs off" in paths.rejected["blocks/linear"]
+    assert paths.head == "model" and paths.attention == "blocks"
+    assert paths.rejected and all("log-probs off" in why for why in paths.rejected.values())
 
 
 def test_the_line_and_record(models):

@@ -2,7 +2,7 @@
 
 A packed, prefix-shared row ``[prompt, chosen, rejected]`` is exact only if tokens meet through
 attention alone, attention sees only what the layout allows (windows, soft-caps and sinks included)
-and the head is what we think it is. None of that is assumed: :func:`decide` runs a few short random
+and the head is what we think it is. None of that is assumed: :func:`decide` runs two short random
 pairs through each candidate path and through the model's own stock forward (its own attention and
 mask, one sequence per row, full logits) and compares the per-token log-probs and the gradient of one
 decoder layer's weights. The first candidate that agrees is used:
@@ -57,12 +57,13 @@ def token_mixer(config) -> str | None:
 
 
 def synthetic_pairs(vocab: int, max_length: int, window: int | None, seed: int = 0) -> list[TokenizedPair]:
-    """Three random pairs with chosen and rejected of different lengths; where the model has a sliding
-    window that a pair of ``max_length`` tokens could exceed, long enough to exceed it."""
+    """Two random pairs (two, so that a packed row has a pair to leak into), chosen and rejected of
+    different lengths; where the model has a sliding window that a pair of ``max_length`` tokens could
+    exceed, long enough to exceed it."""
     rng = np.random.default_rng(seed)
-    base = 10 if window is None or window >= max_length else max(10, (window + 8) // 2)
+    base = 8 if window is None or window >= max_length else max(8, (window + 8) // 2)
     out = []
-    for i, (p, c, r) in enumerate([(base, base // 2 + 3, base // 2 + 1), (base // 2 + 2, base + 2, 3), (4, 5, base)]):
+    for i, (p, c, r) in enumerate([(base, base // 2 + 3, base // 2 + 1), (base // 2 + 1, base + 2, base)]):
         ids = lambda n: rng.integers(3, vocab, n).astype(np.int32)  # noqa: E731
         out.append(TokenizedPair(prompt=ids(p), chosen=ids(c), rejected=ids(r), where=f"check:{i}"))
     return out
