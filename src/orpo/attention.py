@@ -3,8 +3,8 @@
 Registered with transformers as the attention implementation ``"orpo_blocks"``; a model switched to it
 (see :func:`enable`) calls :func:`block_attention` in every layer with the batch's ``Layout``
 passed through as the ``orpo_layout`` keyword. Per group it makes two kinds of call to the model's
-*own* attention function (its SDPA, or its eager one with soft-capping or sinks, whatever it was
-loaded with):
+*own* attention (the SDPA kernel it was loaded with, called directly; or its eager function, with
+soft-capping or sinks):
 
 - the prompt and its first completion, causally: ``q, k, v = x[s : s+P+C1]``;
 - every further completion against the prompt and itself: ``q = x[c : c+C]``, ``k = [x_prompt; x_c]``,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 NAME = "orpo_blocks"
 INNER = "_orpo_inner_attn"  # config attribute: the implementation the model was loaded with
@@ -96,22 +97,38 @@ def block_attention(module, query, key, value, attention_mask=None, dropout=0.0,
     if layout is None:  # generation, or a forward outside orpo: the model's own attention, as loaded
         return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     window = kwargs.get("sliding_window")
+    gqa = query.shape[1] != key.shape[1]
+    p_drop = dropout if module.training else 0.0
+    # Plain SDPA (Llama and most families): call the kernel directly, with GQA and is_causal, as
+    # transformers' SDPA wrapper would (it repeats K/V whenever a mask is given; this need not).
+    direct = fn is _sdpa() and not kwargs.get("softcap") and kwargs.get("position_bias") is None
 
     def attend(q, k, v, mask):
-        if mask is not None:
-            mask = mask[None, None]  # (1, 1, Q, K), as transformers' attention functions expect
-        if mask is not None and additive:
+        """q (1, H, Q, D), k/v (1, KV, K, D), mask (Q, K) bool or None (causal) -> (1, H, Q, D)."""
+        if direct:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p_drop,
+                                                  scale=scaling, enable_gqa=gqa)
+        if mask is None:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
+        mask = mask[None, None]  # (1, 1, Q, K), as transformers' attention functions expect
+        if additive:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
-        return fn(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+        return fn(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0].transpose(1, 2)
 
-    rows = [_row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, attend, additive)
+    rows = [_row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, attend)
             for r, groups in enumerate(layout.by_row())]
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out, None
+    return out.transpose(1, 2).contiguous(), None
 
 
-def _row_attention(q, k, v, groups, layout, window, attend, need_mask):
-    """One row: q (1, H, T, D), k/v (1, KV, T, D) -> (1, T, H, D).
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _row_attention(q, k, v, groups, layout, window, attend):
+    """One row: q (1, H, T, D), k/v (1, KV, T, D) -> (1, H, T, D).
 
     The row is cut once with ``split`` into its pieces (queries: prompt+first completion, then each
     further completion; keys/values: prompt, then each completion), so the backward pass stitches the
@@ -138,7 +155,7 @@ def _row_attention(q, k, v, groups, layout, window, attend, need_mask):
     out, qi, ki = [], 0, 0
     for item in plan:
         if item is None:
-            out.append(qs[qi].new_zeros(qs[qi].shape).transpose(1, 2))
+            out.append(qs[qi].new_zeros(qs[qi].shape))
             qi, ki = qi + 1, ki + 1
             continue
         p, lens = item
@@ -148,14 +165,14 @@ def _row_attention(q, k, v, groups, layout, window, attend, need_mask):
             # every further one sees the whole prompt, then itself causally
             first = j == 1
             windowed = window is not None and p + n > window
-            mask = None
-            if windowed or need_mask or not first:
+            mask = None  # causal
+            if windowed or not first:
                 mask = layout.block_mask(p, n, first, window if windowed else None, q.device)
             out.append(attend(qs[qi + j - 1], torch.cat((kp, ks[ki + j]), dim=2),
                               torch.cat((vp, vs[ki + j]), dim=2), mask))
         qi += len(lens)
         ki += 1 + len(lens)
-    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
 def _mask_fn(**kwargs):
