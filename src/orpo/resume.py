@@ -63,10 +63,12 @@ def pick_checkpoint(ckpt_dir: Path, is_main: bool) -> tuple[Path | None, list[tu
 
 
 def damaged_line(chosen: Path, damaged: list[tuple[str, list[str]]]) -> str:
-    names = ", ".join(Path(p).name for p, _ in damaged)
-    why = "; ".join(f"{Path(p).name}: {', '.join(w)}" for p, w in damaged)
-    return (f"{Path(damaged[0][0]).parent}: {names} {'is' if len(damaged) == 1 else 'are'} damaged ({why}); "
-            f"resuming from {chosen.name}, the newest intact one (set aside as damaged-*)")
+    rest = f"resuming from {chosen.name}, the newest intact one (the damaged are set aside as damaged-step-*)"
+    if len(damaged) == 1:
+        p, why = damaged[0]
+        return f"{p} is damaged ({', '.join(why)}); {rest}"
+    listing = ", ".join(f"{Path(p).name} ({', '.join(why)})" for p, why in damaged)
+    return f"{chosen.parent}: {listing} are damaged; {rest}"
 
 
 def set_aside(damaged: list[tuple[str, list[str]]]) -> None:
