@@ -117,10 +117,10 @@ def check_free(path: Path | str, need: int, what: str) -> None:
     """Refuse, before writing anything, a save of about ``need`` bytes that the disk cannot hold."""
     if need <= 0:
         return
-    free = free_bytes(path)
-    if free < need * 1.05 + MARGIN:
-        raise WriteFailed(path, f"it needs about {human(need)} but only {human(free)} is free on "
-                                f"{mount_of(path)}", what)
+    free, want = free_bytes(path), need * 1.05 + MARGIN
+    if free < want:
+        raise WriteFailed(path, f"it needs about {human(need)} ({human(want)} with a safety margin) but only "
+                                f"{human(free)} is free on {mount_of(path)}", what)
 
 
 def append_line(path: Path, line: str) -> None:
