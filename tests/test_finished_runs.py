@@ -51,3 +51,24 @@ def test_finished_default_style_job_resumed_changes_nothing_then_extends_complet
     kinds = Counter((r["step"], "eval" if "eval_loss" in r else "train") for r in rows)
     assert all(n == 1 for n in kinds.values()), kinds
     assert [s for (s, k) in sorted(kinds) if k == "train"] == [1, 2, 3, 4]
+
+
+def test_resume_command_for_the_default_job_goes_through_its_recipe(monkeypatch, tmp_path):
+    """`orpo train` with no arguments runs recipes/default.yaml (overwrite: true); the line that says how to
+    resume it must name the recipe and turn overwrite off, or the command would be refused."""
+    import orpo.cli as cli
+    import orpo.train as tr
+
+    seen = {}
+
+    def fake_train(cfg, argv_for_resume=None):
+        seen["cmd"] = resume_command(cfg.output_dir, cfg.overwrite, argv_for_resume)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    try:
+        cli.main(["train"])
+    except SystemExit:
+        pass
+    assert seen["cmd"] == f"orpo train {cli.default_job_path()} --no-overwrite --resume"

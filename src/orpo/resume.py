@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shlex
@@ -156,8 +157,9 @@ def resume_command(out: Path, overwrite: bool, argv: list[str] | None) -> str:
 def write_failure(exc: BaseException, out: Path, overwrite: bool, argv: list[str] | None, is_main: bool):
     """The exception to end the run with for a failed write (``None``: not a write failure, re-raise).
     Half-written temporaries are removed; complete checkpoints and metrics rows are never touched."""
-    if isinstance(exc, OSError):
-        if exc.errno not in diskio.WRITE_FAULTS:
+    if isinstance(exc, OSError):  # a write outside the guarded ones: only a fault of OUT's disk is ours to word
+        inside = exc.filename is not None and Path(exc.filename).absolute().is_relative_to(Path(out).absolute())
+        if exc.errno not in diskio.WRITE_FAULTS or not (inside or exc.errno in (errno.ENOSPC, errno.EDQUOT)):
             return None
         exc = diskio.WriteFailed(exc.filename or out, diskio.cause_of(exc, out))
     if not is_main:
