@@ -72,3 +72,16 @@ def test_resume_command_for_the_default_job_goes_through_its_recipe(monkeypatch,
     except SystemExit:
         pass
     assert seen["cmd"] == f"orpo train {cli.default_job_path()} --no-overwrite --resume"
+
+
+def test_extended_run_keeps_the_before_answers_of_its_sample_prompts(tmp_path, tiny_model_dir, conv_file, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--model", str(tiny_model_dir), "--data", str(conv_file), "--eval-data", str(conv_file),
+            "--output-dir", str(out), "--precision", "fp32", "--eval-samples", "2", "--lr", "1e-2"]
+    assert main(base + ["--max-steps", "1"]) == 0
+    first = samples(out)
+    assert len(first) == 2 and all(r["before"] for r in first)
+    assert main(base + ["--max-steps", "3", "--resume"]) == 0
+    later = samples(out)
+    assert [r["before"] for r in later] == [r["before"] for r in first]
+    assert json.loads((out / "summary.json").read_text())["final"]["step"] == 3

@@ -97,7 +97,8 @@ def finished_summary(out: Path, step: int, total_steps: int) -> dict | None:
 
 
 def _key(prompts: list) -> str:
-    return hashlib.sha256(json.dumps(prompts, default=str, sort_keys=True).encode()).hexdigest()[:16]
+    plain = lambda o: o.tolist() if hasattr(o, "tolist") else str(o)  # noqa: E731 - token-id arrays in full
+    return hashlib.sha256(json.dumps(prompts, default=plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_before(out: Path, prompts: list, answers: list[str]) -> None:

@@ -566,7 +566,7 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
         raise SystemExit(0 if stop.flag else 1)
 
     # --- the end: final eval, model, summary -----------------------------------------------------
-    if step > start_step or start_step == 0:  # (a redone end has its checkpoint already)
+    if step > start_step:  # (a redone end, e.g. after a full disk, has its checkpoint already)
         _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, time.time() - t0, is_main, rank)
     if eval_pairs:
         eval_last = run_eval(step)
