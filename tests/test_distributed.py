@@ -119,3 +119,26 @@ def test_eval_forwards_are_the_same_on_every_process(tiny_model, chatml_tokenize
     evaluate_pairs(policy, pairs, 0.1, False, batch_size=2, reduce=lambda t: whole.append(t) or t)
     assert torch.allclose(sum(sums), whole[0], rtol=1e-6, atol=1e-9)
     assert float(sum(sums)[3]) == 7  # pairs counted once
+
+
+def test_full_disk_on_one_process_stops_both_in_one_line(tmp_path, tiny_model_dir, conv_file):
+    """Process 1 cannot write its RNG file into a checkpoint: both processes stop at that checkpoint
+    (neither waits in a barrier for the other), the main process prints the one line, the temporary
+    folder is removed and the earlier checkpoint is kept."""
+    out = tmp_path / "two"
+    exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [exe, "--nproc_per_node", "2", "--master_port", env()["MASTER_PORT"],
+           str(Path(__file__).with_name("lockstep_launch.py")), "train", "--model", str(tiny_model_dir),
+           "--data", str(conv_file), "--precision", "fp32", "--max-steps", "6", "--save-steps", "1",
+           "--batch-size", "1", "--output-dir", str(out)]
+    # the first save's rng-1.pt is written; each later one fails (torch.save of the same name)
+    res = subprocess.run(cmd, env=dict(env(), FAIL_WRITE="step-000002/rng-1.pt"), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("orpo: error: ")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "step-000002: could not write the checkpoint (No space left on device, on process 1)" in errors[0], errors
+    assert "newest: step-000001" in errors[0] and "--resume" in errors[0]
+    # no traceback from either orpo process (torchrun itself reports a failed child with one)
+    assert f"{SRC}/orpo" not in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]

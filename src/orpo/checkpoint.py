@@ -98,6 +98,16 @@ def _any_failed(failed: bool) -> bool:
     return bool(flag.item())
 
 
+def _cause_elsewhere(error) -> str:
+    """What went wrong on the process(es) that failed, for the one line the main process prints."""
+    causes = [None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        causes = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(causes, error.cause if error else None)
+    rank, cause = next(((r, c) for r, c in enumerate(causes) if c), (None, None))
+    return f"{cause}, on process {rank}" if cause else "another process could not write its part"
+
+
 def _write_atomically(ckpt_dir: Path, step: int, keep: int, is_main: bool, barrier, write, need: int = 0) -> Path:
     """Run ``write(tmp)`` on every process into a hidden temporary folder, then (main process) record
     the manifest, fsync, rename it to ``step-NNNNNN`` and prune to the newest ``keep``.
@@ -133,9 +143,10 @@ def _write_atomically(ckpt_dir: Path, step: int, keep: int, is_main: bool, barri
             except diskio.WriteFailed as e:
                 error = e
         if _any_failed(error is not None):
+            elsewhere = _cause_elsewhere(error)  # a collective: every process takes part
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise error or diskio.WriteFailed(final, "another process could not write its part", what)
+            raise error or diskio.WriteFailed(final, elsewhere, what)
     if is_main:
         for _, old in list_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
