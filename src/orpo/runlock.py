@@ -67,9 +67,10 @@ def acquire(out: Path) -> tuple[int, bool]:
             os.close(fd)
             raise UserError(f"{out}: {_describe(path)} is writing this folder; a second run here would "
                             "corrupt it. Wait for it to finish (or stop it), or choose another --output-dir") from None
-        except OSError as e:  # a filesystem without locks
-            os.close(fd)
-            raise UserError(f"{out}: cannot lock the output folder ({e.strerror or e}); use a local disk") from None
+        except OSError as e:  # a filesystem without locks (some FUSE mounts): run, but say it is unguarded
+            print(f"orpo: warning: {out}: this filesystem cannot lock files ({e.strerror or e}); nothing stops a "
+                  "second run on this folder", file=sys.stderr, flush=True)
+            break
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
