@@ -6,6 +6,7 @@ A checkpoint is a folder ``checkpoints/step-NNNNNN`` holding
     optimizer.pt            AdamW state           scheduler.pt   LR schedule position
     rng-<rank>.pt           every RNG state of each process
     state.json              step, bad-step streak, elapsed time, the config and its fingerprint
+    manifest.json           size and CRC-32 of every other file (see ``integrity``), checked on resume
 
 It is written into a hidden temporary folder, every file is fsynced, and only then is the folder
 renamed into place, so a crash or ``kill -9`` during a save leaves either the complete new checkpoint
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import diskio, integrity
 from .errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -86,37 +88,102 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _write_atomically(ckpt_dir: Path, step: int, keep: int, is_main: bool, barrier, write) -> Path:
-    """Run ``write(tmp)`` on every process into a hidden temporary folder, then (main process) fsync it,
-    rename it to ``step-NNNNNN`` and prune to the newest ``keep``. A failed write removes the temporary
-    folder and leaves the previous checkpoints as they were."""
+def _any_failed(failed: bool) -> bool:
+    """Whether any process failed (a collective, so it is also a barrier)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return failed
+    cuda = torch.distributed.get_backend() == "nccl"
+    flag = torch.tensor([1.0 if failed else 0.0], device="cuda" if cuda else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _cause_elsewhere(error) -> str:
+    """What went wrong on the process(es) that failed, for the one line the main process prints."""
+    causes = [None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        causes = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(causes, error.cause if error else None)
+    rank, cause = next(((r, c) for r, c in enumerate(causes) if c), (None, None))
+    return f"{cause}, on process {rank}" if cause else "another process could not write its part"
+
+
+def _write_atomically(ckpt_dir: Path, step: int, keep: int, is_main: bool, barrier, write, need: int = 0) -> Path:
+    """Run ``write(tmp)`` on every process into a hidden temporary folder, then (main process) record
+    the manifest, fsync, rename it to ``step-NNNNNN`` and prune to the newest ``keep``.
+
+    Each phase ends with every process agreeing whether any of them failed, so a full disk on one
+    process stops all of them at the same point instead of leaving the others in a barrier. A failure
+    (or fewer than ``need`` bytes free, checked first) removes the temporary folder, leaves the
+    previous checkpoints as they were and raises :class:`diskio.WriteFailed`."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
-    if is_main:
+    what = "the checkpoint"
+
+    def prepare():
+        diskio.check_free(final, need, what)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    barrier()
-    try:
-        write(tmp)
-        barrier()
-        if is_main:
-            _fsync_tree(tmp)
-            if final.exists():  # a stale copy of the same step (from a run resumed before it)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_tree(ckpt_dir)
-    except OSError as e:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"{final}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are intact"
-        ) from None
+
+    def publish():
+        integrity.write_manifest(tmp)
+        _fsync_tree(tmp)
+        if final.exists():  # a stale copy of the same step (from a run resumed before it)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_tree(ckpt_dir)
+
+    for phase, on_main_only in ((prepare, True), (lambda: write(tmp), False), (publish, True)):
+        error = None
+        if is_main or not on_main_only:
+            try:
+                with diskio.writing(final, what):
+                    phase()
+            except diskio.WriteFailed as e:
+                error = e
+        if _any_failed(error is not None):
+            elsewhere = _cause_elsewhere(error)  # a collective: every process takes part
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error or diskio.WriteFailed(final, elsewhere, what)
     if is_main:
         for _, old in list_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def checkpoint_bytes(ckpt_dir: Path, model: torch.nn.Module | None = None) -> int:
+    """About how many bytes the next checkpoint takes: the newest one's size, else (cheap to know) the
+    trainable weights plus AdamW's two moments of the same size."""
+    found = list_checkpoints(ckpt_dir)
+    if found:
+        return sum(p.stat().st_size for p in found[-1][1].rglob("*") if p.is_file())
+    if model is None:
+        return 0
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel() * p.element_size()
+    return 3 * n
+
+
+def model_bytes(model: torch.nn.Module, state_dict: dict | None = None) -> int:
+    """About how many bytes the final model folder takes: every weight once, at the dtype it is saved
+    in (LoRA merged: the base weights; adapters are small). 0 (unknown) for a 4-bit model, merged
+    into a fresh full-precision copy."""
+    if state_dict is not None:
+        return sum(v.numel() * v.element_size() for v in state_dict.values() if torch.is_tensor(v))
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if p.dtype == torch.uint8:  # bitsandbytes 4-bit
+            return 0
+        if id(p) not in seen and "lora_" not in name:
+            seen.add(id(p))
+            n += p.numel() * p.element_size()
+    return n
 
 
 def save_checkpoint(
@@ -134,18 +201,31 @@ def save_checkpoint(
     runs: rank 0 writes weights and optimizer state (identical on every rank), each rank its RNG."""
 
     def write(tmp: Path) -> None:
-        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        diskio.save_torch(rng_state(), tmp / f"rng-{rank}.pt")
         if is_main:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            diskio.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            diskio.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
-    return _write_atomically(ckpt_dir, step, keep, is_main, _barrier, write)
+    need = checkpoint_bytes(ckpt_dir, model) if is_main else 0
+    return _write_atomically(ckpt_dir, step, keep, is_main, _barrier, write, need)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the saved ``state.json``."""
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the saved ``state.json``.
+    (``integrity.verify`` has checked the files; one it could not judge and that fails to load still
+    gives one line.)"""
+    try:
+        return _load_checkpoint(path, model, optimizer, scheduler, rank)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, torch.load and pickle each raise their own
+        raise UserError(f"{path}: could not read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+                        "; remove it to resume from the one before") from None
+
+
+def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict:
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -181,10 +261,11 @@ def save_sharded_checkpoint(ckpt_dir: Path, step: int, accelerator, scheduler, s
     def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
         if is_main:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            diskio.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(dict(state, sharded=True), indent=1))
 
-    return _write_atomically(ckpt_dir, step, keep, is_main, accelerator.wait_for_everyone, write)
+    need = checkpoint_bytes(ckpt_dir) if is_main else 0  # the previous one's size; unknown before the first
+    return _write_atomically(ckpt_dir, step, keep, is_main, accelerator.wait_for_everyone, write, need)
 
 
 def load_sharded_checkpoint(path: Path, accelerator, scheduler) -> dict:

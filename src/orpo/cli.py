@@ -155,7 +155,8 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
         yaml_path = default_job_path()
         print(f"orpo: no arguments, so running the default job ({yaml_path})", flush=True)
     cfg = C.build(overrides, yaml_path)
-    result = train(cfg, argv_for_resume=[a for a in argv if a not in ("--overwrite", "--resume")] or None)
+    # (the default job resumes through its recipe; resume_command adds --no-overwrite to its overwrite: true)
+    result = train(cfg, argv_for_resume=[a for a in argv if a not in ("--overwrite", "--resume")] or ([str(yaml_path)] if yaml_path else None))
     if not result.is_main:
         return 0
     print(f"\nmetrics: {result.output_dir / 'metrics.jsonl'}")

@@ -4,15 +4,29 @@
 returns the same metrics as training with an ``eval_`` prefix: the NLL token-weighted over the whole
 set, everything else averaged over pairs. ``generate`` gives greedy (or sampled) answers for chat or
 plain prompts, batched with left padding.
+
+Several processes split the held-out pairs ``rank::world``, so one may hold a pair more than another,
+and a batch more. Under FSDP and DeepSpeed ZeRO-3 every forward is a collective (it gathers the
+weights), so a process with a batch more would wait forever for the others. Each process therefore runs
+:func:`lockstep_batches` batches, the same number everywhere; one that has run out of pairs forwards a
+padding batch (one pair, weight 0: its metrics are not added), as the training loop does for a short
+last step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .data.batching import nll_tokens
 from .data.templates import TokenizedPair
 from .loss import metric_vector, orpo_loss, summarize
+
+
+def lockstep_batches(n_pairs: int, world: int, batch_size: int) -> int:
+    """Batches every process runs over ``n_pairs`` split ``rank::world``: those of the largest share."""
+    return math.ceil(math.ceil(n_pairs / max(world, 1)) / batch_size)
 
 
 @torch.no_grad()
@@ -27,16 +41,25 @@ def evaluate_pairs(
     device=None,
     autocast=None,
     reduce=None,
+    n_batches: int | None = None,
+    pad_pair: TokenizedPair | None = None,
 ) -> dict[str, float]:
     """Eval metrics over ``pairs`` (this process's share). ``reduce`` sums a tensor across processes;
     ``autocast`` is a context manager factory for mixed precision; ``collate_fn(pairs, prompt_in_nll,
-    pad_id)`` lays a batch out (the policy's own ``collate``, by default)."""
+    pad_id)`` lays a batch out (the policy's own ``collate``, by default). ``n_batches`` (with
+    ``pad_pair``, any held-out pair) makes this process run exactly that many forwards, padding with
+    weight 0."""
     was_training = policy.training
     policy.eval()
     total = None
     nll_norm = float(sum(nll_tokens(p, prompt_in_nll) for p in pairs)) or 1.0
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s : s + batch_size]
+    if n_batches is None:
+        n_batches = math.ceil(len(pairs) / batch_size)
+    for b in range(n_batches):
+        chunk = pairs[b * batch_size : (b + 1) * batch_size]
+        padding = not chunk
+        if padding:  # keep in step with the processes that still have pairs; add nothing
+            chunk = [pad_pair if pad_pair is not None else pairs[0]]
         batch = (collate_fn or _unwrap(policy).collate)(chunk, prompt_in_nll, pad_id)
         if device is not None:
             batch = batch.to(device)
@@ -44,6 +67,8 @@ def evaluate_pairs(
         with ctx:
             logps = policy(batch)
         part = orpo_loss(logps, batch.pair, batch.kind, batch.n_pairs, beta, prompt_in_nll, nll_norm, len(pairs))
+        if padding:
+            continue
         vec = metric_vector(part, batch.n_pairs)
         total = vec if total is None else total + vec
     if total is None:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .diskio import WRITE_FAULTS
 from .errors import UserError
 
 REPORT_NAME = "report.html"
@@ -591,8 +592,12 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     text = render_html(run, plots, plot_error)
     dest = Path(path) if path is not None else Path(out) / REPORT_NAME
     tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dest)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, dest)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep half a page
+        raise
     return dest
 
 
@@ -677,6 +682,11 @@ def write_report_safe(out: str | Path, say=print) -> Path | None:
     so a plotting problem never fails a run that has already succeeded."""
     try:
         path = write_report(out)
+    except OSError as e:
+        if e.errno in WRITE_FAULTS:  # a full or read-only disk stops the run (train says how to resume)
+            raise
+        say(f"warning: could not write {Path(out) / REPORT_NAME} ({e}); rebuild it with: orpo report {out}")
+        return None
     except Exception as e:  # noqa: BLE001 - the run itself succeeded
         say(f"warning: could not write {Path(out) / REPORT_NAME} ({type(e).__name__}: {e}); "
             f"rebuild it with: orpo report {out}")

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import diskio, resume, runlock
 from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
 from .errors import UserError
-from .evaluate import evaluate_pairs, generate
+from .evaluate import evaluate_pairs, generate, lockstep_batches
 from .export import write_model_card
 from .report import write_report_safe
 from .forward import PolicyForward
@@ -54,7 +55,7 @@ from .model import (
 from .progress import Progress
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "model", "adapter", "summary.json", "samples.jsonl",
-             "data_counts.json", "export", "report.html")
+             "data_counts.json", "export", "report.html", resume.BEFORE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,9 +249,7 @@ def _log(accelerator, path: Path, row: dict, is_main: bool) -> None:
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
+    diskio.append_line(path, json.dumps(row))  # a failed append leaves no half row
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -264,9 +263,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    diskio.write_text(path, "".join(line + "\n" for line in keep), path.name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +282,20 @@ class RunResult:
 
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
+    """The run below, holding the output folder's lock (main process only: ``RANK`` 0, set by torchrun
+    and accelerate before Accelerate starts); a failed write ends it in one line with the resume command."""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with runlock.output_lock(Path(cfg.output_dir), enabled=is_main):
+        try:
+            return _train(cfg, argv_for_resume)
+        except (diskio.WriteFailed, OSError) as e:
+            failure = resume.write_failure(e, Path(cfg.output_dir), cfg.overwrite, argv_for_resume, is_main)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedType, set_seed
@@ -367,9 +378,10 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
 
     # --- resume ---------------------------------------------------------------------------------
     start_step, bad_streak, elapsed_before = 0, 0, 0.0
-    found = ckpt.list_checkpoints(ckpt_dir)
-    if cfg.resume and found:
-        step_done, path = found[-1]
+    path, damaged = resume.pick_checkpoint(ckpt_dir, is_main) if cfg.resume else (None, [])
+    if path is not None:
+        if damaged:
+            say(resume.damaged_line(path, damaged))
         saved = json.loads((path / "state.json").read_text())
         if saved.get("fingerprint") != cfg.fingerprint(saved.get("config")):
             diff = cfg.trajectory_changes(saved.get("config", {}))
@@ -377,6 +389,15 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 f"{path}: this checkpoint was made with a different config ({', '.join(diff) or 'unknown fields'} "
                 "changed); resume with the same options or start a new --output-dir"
             )
+        done = resume.finished_summary(out, saved["step"], total_steps) if not damaged else None
+        if done is not None:  # nothing left to do: leave every file as it is
+            say(f"{out}: this run is finished ({saved['step']} of {total_steps} steps; model and summary written), so "
+                "there is nothing to resume. To train it longer, pass a larger --max-steps with --resume")
+            if is_main and not (out / "report.html").exists():
+                write_report_safe(out, say)
+            acc = done.get("answer_accuracy")
+            return RunResult(out, saved["step"], done.get("final") or {}, done.get("eval") or {},
+                             tuple(acc) if acc else None, Path(done.get("model_dir") or out / "model"), is_main)
         if sharded:
             state = ckpt.load_sharded_checkpoint(path, accelerator, scheduler)
         else:
@@ -389,7 +410,10 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             group["lr"] = base * factor
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if is_main:
+            resume.set_aside(damaged)
             _truncate_metrics(metrics_path, start_step)
+            if start_step >= total_steps:  # only the end is left to redo; it evaluates again
+                resume.drop_final_eval(metrics_path, start_step)
         say(f"resumed from {path} (step {start_step} of {total_steps})")
     elif cfg.resume:
         say(f"{ckpt_dir}: no checkpoint to resume from; starting at step 0")
@@ -398,8 +422,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             clear_previous_run(out)
         if start_step == 0 and metrics_path.exists():
             metrics_path.unlink()
-        dump_yaml(cfg, out / "config.yaml")
-        (out / "data_counts.json").write_text(json.dumps(data_counts, indent=1))
+        with diskio.writing(out / "config.yaml"):
+            dump_yaml(cfg, out / "config.yaml")
+        diskio.write_text(out / "data_counts.json", json.dumps(data_counts, indent=1))
     if trackers:
         accelerator.init_trackers("orpo", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                   for k, v in cfg.to_dict().items()})
@@ -408,10 +433,12 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
 
     def run_eval(step: int) -> dict:
         mine = eval_pairs[rank::world] if eval_pairs is not None else []
+        bs = max(2, cfg.batch_size * 2)
         m = evaluate_pairs(
-            policy, mine, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 2),
+            policy, mine, cfg.beta, cfg.prompt_in_nll, batch_size=bs,
             collate_fn=forward.collate, pad_id=pad_id, device=device,
             autocast=autocast, reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(),
+            n_batches=lockstep_batches(len(eval_pairs), world, bs), pad_pair=eval_pairs[0],  # same forwards everywhere
         )
         row = {"step": step, "epoch": round(min(step, total_steps) / plan.steps_per_epoch, 4), **m}
         _log(accelerator, metrics_path, row, is_main)
@@ -425,6 +452,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     # (Sharded weights cannot generate on one process alone: its forward would wait for the others.)
     if is_main and start_step == 0 and (questions or sample_prompts) and not sharded:
         before_answers = generate(lm, tokenizer, [q for q, _ in questions] + sample_prompts, max_new_tokens=48, device=device)
+        resume.save_before(out, [q for q, _ in questions] + sample_prompts, before_answers)
+    elif is_main and start_step:  # a resumed run keeps the answers of its step 0
+        before_answers = resume.load_before(out, [q for q, _ in questions] + sample_prompts)
     eval_last = {}
     if eval_pairs and start_step == 0:
         eval_last = run_eval(0)
@@ -436,7 +466,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     policy.train()
     progress = Progress(total_steps, start_step, enabled=is_main)
     t0 = time.time() - elapsed_before
-    last_row: dict = {}
+    last_row: dict = resume.last_train_row(metrics_path) if start_step and is_main else {}
     window = None  # metric sums since the last logged step
     window_tokens, window_start = 0, time.time()
     step = start_step
@@ -535,12 +565,13 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 break
 
     if stopped_early:
-        cmd = " ".join(["orpo", "train", *(argv_for_resume or [f"--output-dir {out}"]), "--resume"])
+        cmd = resume.resume_command(out, cfg.overwrite, argv_for_resume)
         say(f"stopped by signal after step {step}; checkpoint saved. Resume with:\n  {cmd}")
         raise SystemExit(0 if stop.flag else 1)
 
     # --- the end: final eval, model, summary -----------------------------------------------------
-    _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, time.time() - t0, is_main, rank)
+    if step > start_step:  # (a redone end, e.g. after a full disk, has its checkpoint already)
+        _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, time.time() - t0, is_main, rank)
     if eval_pairs:
         eval_last = run_eval(step)
         say(_eval_line(eval_last))
@@ -550,7 +581,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     if sharded:
         full_state = {k[len("model."):]: v for k, v in accelerator.get_state_dict(policy).items() if k.startswith("model.")}
     if is_main:
-        model_dir = _save_final(out, accelerator.unwrap_model(policy).model, tokenizer, cfg, folder, full_state)
+        with diskio.writing(out / "model", "the final model", cleanup=(out / ".tmp-model", out / ".tmp-adapter")):
+            diskio.check_free(out / "model", ckpt.model_bytes(accelerator.unwrap_model(policy).model, full_state), "the final model")
+            model_dir = _save_final(out, accelerator.unwrap_model(policy).model, tokenizer, cfg, folder, full_state)
         after_answers = []
         if (questions or sample_prompts) and not sharded:
             lm = base_causal_lm(accelerator.unwrap_model(policy).model)
@@ -566,9 +599,11 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             "data": data_counts, "answer_accuracy": accuracy, "model_dir": str(model_dir),
             "paths": paths.as_dict(),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        write_model_card(model_dir, out)
-        write_report_safe(out, say)  # OUT/report.html; a plotting failure only warns
+        diskio.write_text(out / "summary.json", json.dumps(summary, indent=1))
+        with diskio.writing(model_dir / "README.md", "the model card"):
+            write_model_card(model_dir, out)
+        with diskio.writing(out / "report.html", "the report"):
+            write_report_safe(out, say)  # OUT/report.html; a plotting failure only warns, a full disk stops
     else:
         model_dir = out / "model"
     accelerator.wait_for_everyone()
@@ -681,9 +716,7 @@ def _write_samples(out: Path, tokenizer, questions, prompts, before, after) -> N
     n = len(questions)
     for j, p in enumerate(prompts):
         rows.append({"prompt": tokenizer.decode(p), "before": _at(before, n + j), "after": _at(after, n + j)})
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    diskio.write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _at(xs: list, i: int):
