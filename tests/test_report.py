@@ -10,11 +10,10 @@ import subprocess
 import pytest
 
 from orpo.cli import main
+from orpo.compare import compare_numbers, plot_compare
 from orpo.report import (
-    compare_numbers,
     load_run,
     make_plots,
-    plot_compare,
     read_metrics,
     smooth,
     write_report,
@@ -134,7 +133,7 @@ def test_report_with_no_metrics_or_only_some(tmp_path):
 
 def test_a_plotting_failure_keeps_the_tables_and_never_fails_a_run(tmp_path, monkeypatch, capsys):
     out = write_run(tmp_path / "run")
-    import orpo.report as report
+    import orpo.report.page as report
 
     def boom(run):
         raise RuntimeError("no display")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import config as C
-from .errors import UserError
-from .report import compare_numbers, plot_compare
+from .. import config as C
+from ..errors import UserError
+from .figure import compare_numbers, plot_compare
 
 DEFAULT_OUT = "runs/compare"
 DEFAULT_EVAL_STEPS = 10
@@ -48,7 +48,7 @@ def run_compare(base: C.TrainConfig, orpo_beta: float, output_dir: str | Path, s
     """Train SFT and ORPO from ``base`` (whose beta is ignored) and plot them. Returns the numbers."""
     from dataclasses import replace
 
-    from .train import train
+    from ..train import train
 
     if base.eval_data is None and base.data is not None:
         raise UserError("orpo compare needs held-out pairs: pass --eval-data")
