@@ -162,9 +162,10 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
     print(f"model:   {result.model_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
     if cfg.lora:
         print(f"adapter: {result.output_dir / 'adapter'}")
-    if result.answer_accuracy is not None:
-        before, after = result.answer_accuracy
-        print(f"held-out questions answered exactly right: {before:.0%} before training -> {after:.0%} after")
+    if result.answers is not None:
+        from .answers import summary_lines
+
+        print("\n".join(summary_lines(result.answers)))
     return 0
 
 

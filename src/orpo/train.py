@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .answers import answer_summary, sample_marks
 from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data import collate
 from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
-from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
+from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions
 from .errors import UserError
-from .evaluate import evaluate_pairs, generate
+from .evaluate import evaluate_pairs, generate, write_pair_values
 from .export import write_model_card
 from .report import write_report_safe
 from .forward import PolicyForward, resolve_attention
@@ -53,7 +54,7 @@ from .model import (
 from .progress import Progress
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "model", "adapter", "summary.json", "samples.jsonl",
-             "data_counts.json", "export", "report.html")
+             "data_counts.json", "export", "report.html", "eval_pairs.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,6 +282,7 @@ class RunResult:
     answer_accuracy: tuple[float, float] | None
     model_dir: Path
     is_main: bool = True
+    answers: dict | None = None  # the default job's held-out answers (orpo.answers.answer_summary)
 
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
@@ -404,13 +406,16 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
 
     def run_eval(step: int) -> dict:
         mine = eval_pairs[rank::world] if eval_pairs is not None else []
-        m = evaluate_pairs(
+        m, values = evaluate_pairs(
             policy, mine, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 2),
             prefix_sharing=cfg.prefix_sharing, packing=cfg.packing, pad_id=pad_id, device=device,
             autocast=autocast, reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(),
+            positions=range(rank, len(eval_pairs), world), n_total=len(eval_pairs), keep_values=True,
         )
         row = {"step": step, "epoch": round(min(step, total_steps) / plan.steps_per_epoch, 4), **m}
         _log(accelerator, metrics_path, row, is_main)
+        if is_main:  # every pair's own values, for paired comparisons across runs (orpo compare)
+            write_pair_values(out / "eval_pairs.jsonl", step, eval_pairs, values)
         return row
 
     # --- before: greedy answers on held-out prompts -----------------------------------------------
@@ -540,7 +545,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     if eval_pairs:
         eval_last = run_eval(step)
         say(_eval_line(eval_last))
-    accuracy = None
+    accuracy, answers = None, None
     # Sharded engines hold pieces of the weights on every process: gather them (a collective call).
     full_state = None
     if sharded:
@@ -553,13 +558,13 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             after_answers = generate(lm, tokenizer, [q for q, _ in questions] + sample_prompts, max_new_tokens=48, device=device)
         if questions and before_answers:
             n = len(questions)
-            acc_b = sum(is_correct(a, q[1]) for a, q in zip(before_answers[:n], questions)) / n
-            acc_a = sum(is_correct(a, q[1]) for a, q in zip(after_answers[:n], questions)) / n
-            accuracy = (acc_b, acc_a)
+            answers = answer_summary(questions, before_answers[:n], after_answers[:n])
+            accuracy = (answers["exact_before"], answers["exact_after"])
         _write_samples(out, tokenizer, questions, sample_prompts, before_answers, after_answers)
         summary = {
             "steps": step, "time_s": round(time.time() - t0, 2), "final": last_row, "eval": eval_last,
-            "data": data_counts, "answer_accuracy": accuracy, "model_dir": str(model_dir),
+            "data": data_counts, "answer_accuracy": accuracy, "answers": answers,
+            "model_dir": str(model_dir),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         write_model_card(model_dir, out)
@@ -568,7 +573,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
         model_dir = out / "model"
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, step, last_row, eval_last, accuracy, model_dir, is_main)
+    return RunResult(out, step, last_row, eval_last, accuracy, model_dir, is_main, answers)
 
 
 def _configure_deepspeed(accelerator, policy: PolicyForward, cfg: TrainConfig) -> None:
@@ -597,9 +602,13 @@ class _nullcontext:
 
 
 def _eval_line(row: dict) -> str:
-    return (f"eval @ step {row['step']}: loss {row['eval_loss']:.4f}, nll {row['eval_nll_loss']:.4f}, "
-            f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.4f}, "
-            f"logps chosen {row['eval_logps/chosen']:.3f} / rejected {row['eval_logps/rejected']:.3f}")
+    def v(key, fmt):  # the value and its bootstrap 95% interval
+        ci = row.get(f"eval_{key}_ci")
+        return f"{row['eval_' + key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+
+    return (f"eval @ step {row['step']}: loss {row['eval_loss']:.4f}, nll {v('nll_loss', '.4f')}, "
+            f"accuracy {v('rewards/accuracies', '.3f')}, margin {v('rewards/margins', '.4f')}, "
+            f"logps chosen {v('logps/chosen', '.3f')} / rejected {v('logps/rejected', '.3f')}")
 
 
 def _is_sharded(accelerator) -> bool:
@@ -670,9 +679,10 @@ def _write_samples(out: Path, tokenizer, questions, prompts, before, after) -> N
     """OUT/samples.jsonl: each held-out prompt with the greedy answer before and after training."""
     rows = []
     for i, (q, answer) in enumerate(questions):
+        mb, ma = (sample_marks(_at(xs, i), answer, q[-1]["content"]) for xs in (before, after))
         rows.append({"prompt": q[-1]["content"], "expected": answer, "before": _at(before, i), "after": _at(after, i),
-                     "correct_before": is_correct(_at(before, i) or "", answer),
-                     "correct_after": is_correct(_at(after, i) or "", answer)})
+                     "correct_before": mb["exact"], "correct_after": ma["exact"],
+                     "content_before": mb["content"], "content_after": ma["content"]})
     n = len(questions)
     for j, p in enumerate(prompts):
         rows.append({"prompt": tokenizer.decode(p), "before": _at(before, n + j), "after": _at(after, n + j)})
