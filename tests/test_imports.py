@@ -29,7 +29,7 @@ ALLOWED = {
     "report": {"errors", "config"},
     "inspect_data": {"config", "data", "errors", "model"},
     "chat": {"errors", "evaluate", "model"},
-    "compare": {"config", "errors", "report", "train"},
+    "compare": {"config", "data", "errors", "report", "stats", "train"},
     "__main__": {"cli"},
     "__init__": {"config"},
 }

@@ -209,3 +209,47 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(colors) > 200
     near = lambda rgb, c: all(abs(a - b) < 30 for a, b in zip(rgb, c))  # noqa: E731
     assert any(near(c, (44, 160, 44)) for c in colors) and any(near(c, (214, 39, 40)) for c in colors)
+
+
+def write_pair_values(out, steps, drift_wrong, seed):
+    """eval_pairs.jsonl of a run on 40 built-in-like pairs, half chatty, half wrong: the wrong answers'
+    log p moves by ``drift_wrong`` per step, the chatty ones and the chosen ones as in both runs."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base_c, base_r = rng.normal(-3, 0.5, 40), rng.normal(-4, 0.5, 40)
+    where = [f"builtin-heldout:capital:{i}:{'chatty' if i % 2 else 'wrong'}" for i in range(40)]
+    wrong = np.array([i % 2 == 0 for i in range(40)])
+    with open(out / "eval_pairs.jsonl", "w") as fh:
+        for s in steps:
+            c = base_c + 0.05 * s + rng.normal(0, 0.02, 40)
+            r = base_r + np.where(wrong, drift_wrong * s, -0.02 * s) + rng.normal(0, 0.02, 40)
+            fh.write(json.dumps({"step": s, "where": where, "logps/chosen": c.tolist(), "logps/rejected": r.tolist()}) + "\n")
+    with open(out / "samples.jsonl", "w") as fh:
+        for i in range(10):
+            fh.write(json.dumps({"prompt": f"q{i}", "expected": "x", "content_after": bool(i % 3)}) + "\n")
+
+
+def test_compare_per_kind_with_intervals_and_the_paired_difference(tmp_path):
+    from orpo.compare import compare_results, format_numbers
+
+    sft, orpo = write_run(tmp_path / "sft"), write_run(tmp_path / "orpo")
+    write_pair_values(sft, [0, 10, 20], drift_wrong=0.03, seed=0)  # SFT lifts the wrong answers
+    write_pair_values(orpo, [0, 10, 20], drift_wrong=-0.03, seed=0)  # ORPO pushes them down
+    result = compare_results({"SFT": str(sft), "ORPO": str(orpo)})
+    kinds = result["kinds"]["SFT"]
+    assert set(kinds) == {"all pairs", "chatty rejected", "wrong rejected"} and kinds["wrong rejected"]["pairs"] == 20
+    up = kinds["wrong rejected"]["logps/rejected"]
+    assert up[-1] - up[0] == pytest.approx(0.6, abs=0.05)
+    lo, hi = kinds["wrong rejected"]["logps/rejected_ci"][-1]
+    assert lo < up[-1] < hi
+    paired = result["paired_orpo_minus_sft"]
+    assert paired["wrong rejected"]["logps/rejected"]["distinguishable"]
+    assert paired["wrong rejected"]["logps/rejected"]["diff"] == pytest.approx(-1.2, abs=0.05)
+    assert not paired["chatty rejected"]["logps/rejected"]["distinguishable"]  # the same in both runs
+    assert paired["content accuracy"]["diff"] == 0.0
+    text = format_numbers(result)
+    assert "wrong rejected: log p rejected: -1.2" in text and "distinguishable from zero: the whole 95% interval is below 0" in text
+    assert "chatty rejected: log p rejected" in text and "not distinguishable from zero" in text
+    fig = plot_compare({"SFT": sft, "ORPO": orpo}, tmp_path / "figure3.png", title="test")
+    assert fig.read_bytes().startswith(PNG_MAGIC) and fig.stat().st_size > 30_000

@@ -63,7 +63,7 @@ def paired_difference(a, b, level: float = LEVEL, resamples: int = RESAMPLES, se
             "distinguishable": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
 
 
-def verdict(name: str, p: dict, unit: str = "") -> str:
+def verdict(name: str, p: dict, unit: str = "", over: str = "pairs") -> str:
     """One sentence on a :func:`paired_difference`: the difference, its interval, and what it means."""
     if p.get("ci") is None:
         return f"{name}: {p['diff']:+.4f}{unit} (too few pairs for an interval)"
@@ -71,4 +71,4 @@ def verdict(name: str, p: dict, unit: str = "") -> str:
     where = ("distinguishable from zero: the whole 95% interval is above 0" if lo > 0 else
              "distinguishable from zero: the whole 95% interval is below 0" if hi < 0 else
              "not distinguishable from zero: the 95% interval contains 0")
-    return f"{name}: {p['diff']:+.4f}{unit}, 95% CI [{lo:+.4f}, {hi:+.4f}] over {p['n']} pairs; {where}"
+    return f"{name}: {p['diff']:+.4f}{unit}, 95% CI [{lo:+.4f}, {hi:+.4f}] over {p['n']} {over}; {where}"

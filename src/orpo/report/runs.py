@@ -142,3 +142,21 @@ def smooth(ys: list[float], n: int | None = None) -> list[float]:
             acc -= ys[i - n]
         out.append(acc / min(i + 1, n))
     return out
+
+
+def read_pair_values(path: str | Path) -> dict[int, dict]:
+    """``OUT/eval_pairs.jsonl``: {step: row} with each held-out pair's own values at that evaluation
+    (``where``, ``logps/chosen``, ``logps/rejected``, ...; see ``orpo.evaluate.write_pair_values``). A step
+    written twice (a resumed run) keeps its later row; unreadable lines are skipped."""
+    p = Path(path)
+    out: dict[int, dict] = {}
+    if not p.is_file():
+        return out
+    for raw in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("where"), list):
+            out[row["step"]] = row
+    return dict(sorted(out.items()))
