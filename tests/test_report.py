@@ -253,3 +253,57 @@ def test_compare_per_kind_with_intervals_and_the_paired_difference(tmp_path):
     assert "chatty rejected: log p rejected" in text and "not distinguishable from zero" in text
     fig = plot_compare({"SFT": sft, "ORPO": orpo}, tmp_path / "figure3.png", title="test")
     assert fig.read_bytes().startswith(PNG_MAGIC) and fig.stat().st_size > 30_000
+
+
+def test_report_marks_content_lists_regressions_and_shows_intervals(tmp_path):
+    from orpo.answers import answer_summary
+
+    out = write_run(tmp_path / "run")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for r in rows:
+        if "eval_logps/chosen" in r:
+            r["eval_logps/chosen_ci"] = [r["eval_logps/chosen"] - 0.25, r["eval_logps/chosen"] + 0.25]
+            r["eval_rewards/accuracies_ci"] = [0.125, 0.875]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "config.yaml").write_text("model: null\ndata: null\neval_data: null\nbeta: 0.5\nlr: 0.0002\n")
+    q = [([{"role": "user", "content": "What is the capital of Canada?"}], "Ottawa"),
+         ([{"role": "user", "content": "What is the capital of Indonesia?"}], "Jakarta")]
+    before, after = ["The capital of Canada is Ottawa.", "The capital of Indonesia is Jakarta."], ["Toronto", "Jakarta"]
+    answers = answer_summary(q, before, after)
+    (out / "summary.json").write_text(json.dumps({"steps": 20, "answer_accuracy": [0.0, 0.5], "answers": answers}))
+    with open(out / "samples.jsonl", "w") as fh:
+        for (msgs, exp), b, a in zip(q, before, after):
+            fh.write(json.dumps({"prompt": msgs[-1]["content"], "expected": exp, "before": b, "after": a,
+                                 "correct_before": False, "correct_after": a == exp,
+                                 "content_before": True, "content_after": a == exp}) + "\n")
+    page = write_report(out).read_text()
+    # Right in content but chatty is not a red cross; the regression is listed by name.
+    assert "title='right in content, not the bare answer'>≈</span> The capital of Indonesia is Jakarta." in page
+    assert "title='wrong'>✗</span> Toronto" in page
+    assert "Right in content before training and wrong after: <b>1</b>" in page and "<td>Toronto</td>" in page
+    assert "right in content (the answer is in the reply)" in page
+    # Held-out values carry their intervals; the config table names the model and the data.
+    assert "[0.125, 0.875]" in page and "bootstrap 95% interval" in page
+    assert "SmolLM2-135M-Instruct" in page.split("<h2>Config</h2>")[1]
+    assert "orpo/data/builtin.py" in page.split("<h2>Config</h2>")[1]
+
+
+
+def test_small_values_on_an_axis_read_in_scientific_notation(tmp_path, monkeypatch):
+    """The learning-rate plot's tick labels: "1e-4" once on the axis, never "0.000200"."""
+    import orpo.report.plots as plots
+
+    labels = {}
+    real_png = plots._png
+
+    def spy(fig):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        labels[ax.get_title()] = [t.get_text() for t in ax.get_yticklabels()] + [ax.yaxis.get_offset_text().get_text()]
+        return real_png(fig)
+
+    monkeypatch.setattr(plots, "_png", spy)
+    plots.make_plots(load_run(write_run(tmp_path / "run")))
+    lr = labels["Learning rate"]
+    assert not any("0.0000" in t or "0.000" in t for t in lr), lr
+    assert any("10^{−4}" in t or "10^{-4}" in t or "e-4" in t or "−4" in t for t in lr), lr

