@@ -61,7 +61,17 @@ def test_builtin_pairs_say_which_kind_of_rejected_answer_they_hold():
     kinds = [rejected_kind(p.where) for p in held]
     assert set(kinds) == {"chatty", "wrong"} and kinds.count("chatty") == kinds.count("wrong")
     assert {rejected_kind(p.where) for p in builtin_pairs()} == {"chatty", "wrong"}
-    assert rejected_kind("data.jsonl:3") is None
+    assert rejected_kind("data.jsonl:3") is None and rejected_kind("data.jsonl: row 3") is None
+
+
+def test_the_kind_survives_tokenization(chatml_tokenizer):
+    """The training loop's held-out store names pair i by its row; the kind is found from that."""
+    from orpo.data.builtin import HELDOUT_LABEL
+
+    held = heldout_pairs(seed=3)
+    store, _stats, _ = prepare_pairs(None, chatml_tokenizer, 128, pairs=held, label=HELDOUT_LABEL, cache=False)
+    assert len(store) == len(held)
+    assert [rejected_kind(store[i].where) for i in range(len(store))] == [rejected_kind(p.where) for p in held]
     questions = heldout_questions()
     held_prompts = {p.prompt[-1]["content"] for p in held}
     assert all(q[-1]["content"] in held_prompts for q, _ in questions)

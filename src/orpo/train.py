@@ -30,7 +30,7 @@ from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data import collate
 from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
-from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions
+from .data.builtin import HELDOUT_LABEL, builtin_pairs, heldout_pairs, heldout_questions
 from .errors import UserError
 from .evaluate import evaluate_pairs, generate, write_pair_values
 from .export import write_model_card
@@ -183,7 +183,7 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     if cfg.eval_data is not None:
         evals = scan_rows(cfg.eval_data, cfg.eval_max_rows)
     elif builtin:
-        evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
+        evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label=HELDOUT_LABEL)
     for rows in (train, evals):
         if rows is not None:
             check_strict(rows.name, rows.skips, cfg.strict)

@@ -160,13 +160,32 @@ def heldout_pairs(seed: int = 0) -> list[Pair]:
 
 
 REJECTED_KINDS = ("chatty", "wrong")
+# How the training loop names the held-out set; its token store calls pair i "<label>: row i+1".
+HELDOUT_LABEL = "built-in held-out set"
 
 
 def rejected_kind(where: str) -> str | None:
-    """"chatty" or "wrong" for a built-in pair (from its ``where``), None for any other pair."""
+    """"chatty" or "wrong" for a built-in pair, None for any other pair. ``where`` is the pair's own
+    (``builtin-heldout:capital:12:wrong``) or, after tokenization, its row in the held-out store
+    (``built-in held-out set: row 24``): the held-out pairs come in a fixed order, the same for every
+    seed (each question against a chatty answer, then against a wrong one)."""
     if where.startswith("builtin") and where.rsplit(":", 1)[-1] in REJECTED_KINDS:
         return where.rsplit(":", 1)[-1]
+    m = re.fullmatch(re.escape(HELDOUT_LABEL) + r": row (\d+)", where)
+    if m:
+        kinds = _heldout_kinds()
+        i = int(m.group(1)) - 1
+        return kinds[i] if 0 <= i < len(kinds) else None
     return None
+
+
+_KINDS: list = []
+
+
+def _heldout_kinds() -> list[str | None]:
+    if not _KINDS:
+        _KINDS.extend(rejected_kind(p.where) for p in heldout_pairs())
+    return _KINDS
 
 
 def family_of(question: str) -> str:
