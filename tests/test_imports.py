@@ -1,6 +1,7 @@
 """Imports point one way: config <- data, model, loss, attention <- forward <- checkpoint, evaluate <- train <- cli.
 
-report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli."""
+report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli.
+stats (numpy only) <- evaluate, answers, compare; data, stats <- answers <- train, cli."""
 
 import ast
 from pathlib import Path
