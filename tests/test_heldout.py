@@ -98,7 +98,8 @@ def test_default_job_summary_counts_content_and_lists_regressions():
     d = answer_summary(questions, before, after)
     assert d["exact_before"] == 0.25 and d["exact_after"] == 0.75
     assert d["content_before"] == 0.75 and d["content_after"] == 0.75
-    assert [r["expected"] for r in d["regressions"]] == ["Ottawa"] and d["fixed"] == 1
+    assert [(r["question"], r["expected"]) for r in d["regressions"]] == [("What is the capital of Canada?", "Ottawa")]
+    assert d["fixed"] == 1
     assert d["families"]["capital"] == {"questions": 2, "exact_before": 0, "exact_after": 1, "content_before": 2,
                                         "content_after": 1}
     lo, hi = d["content_before_ci"]

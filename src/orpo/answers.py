@@ -40,7 +40,7 @@ def answer_summary(questions: list[tuple], before: list[str], after: list[str]) 
             out[f"{kind}_change"] = paired_difference(marks["after"][kind], marks["before"][kind])
     families: dict[str, dict] = {}
     for i, (q, _answer) in enumerate(questions):
-        f = families.setdefault(family_of(_question(q)), {"questions": 0, "exact_before": 0, "exact_after": 0,
+        f = families.setdefault(family_of(_question(q[0])), {"questions": 0, "exact_before": 0, "exact_after": 0,
                                                              "content_before": 0, "content_after": 0})
         f["questions"] += 1
         for kind in ("exact", "content"):
@@ -48,7 +48,7 @@ def answer_summary(questions: list[tuple], before: list[str], after: list[str]) 
                 f[f"{kind}_{side}"] += int(marks[side][kind][i])
     out["families"] = families
     out["regressions"] = [
-        {"question": _question(q), "expected": q[1], "before": before[i], "after": after[i]}
+        {"question": _question(q[0]), "expected": q[1], "before": before[i], "after": after[i]}
         for i, q in enumerate(questions) if marks["before"]["content"][i] and not marks["after"]["content"][i]
     ]
     out["fixed"] = sum(1 for i in range(n) if marks["after"]["content"][i] and not marks["before"]["content"][i])
