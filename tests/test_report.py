@@ -307,3 +307,21 @@ def test_small_values_on_an_axis_read_in_scientific_notation(tmp_path, monkeypat
     lr = labels["Learning rate"]
     assert not any("0.0000" in t or "0.000" in t for t in lr), lr
     assert any("10^{−4}" in t or "10^{-4}" in t or "e-4" in t or "−4" in t for t in lr), lr
+
+
+def test_compare_without_data_runs_the_default_recipe_into_its_own_folder(monkeypatch, capsys):
+    import orpo.compare as compare
+
+    seen = {}
+
+    def fake_run(base, orpo_beta, out):
+        seen.update(base=base, beta=orpo_beta, out=out)
+        return {"kinds": {}, "numbers": {}, "answers": {}, "paired_orpo_minus_sft": {}, "figure": "figure3.png"}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    assert main(["compare"]) == 0
+    base = seen["base"]
+    assert base.data is None and base.lora and base.eval_steps == 8 and not base.overwrite
+    assert seen["beta"] == 0.5 and seen["out"] == "runs/compare"  # the recipe's beta, not the default job's folder
+    assert main(["compare", "--orpo-beta", "0.2", "--output-dir", "elsewhere"]) == 0
+    assert seen["beta"] == 0.2 and seen["out"] == "elsewhere"
