@@ -51,6 +51,11 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_mod
         assert x.keys() == y.keys()
         for k in x:
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+    assert any("eval_rewards/accuracies_ci" in r for r in b)  # the intervals, from the gathered per-pair values
+    pa, pb = ([json.loads(line) for line in (o / "eval_pairs.jsonl").read_text().splitlines()] for o in (one, two))
+    assert [r["where"] for r in pa] == [r["where"] for r in pb]  # every pair once, in the one-process order
+    for x, y in zip(pa, pb):
+        assert x["logps/rejected"] == pytest.approx(y["logps/rejected"], rel=1e-5, abs=1e-6)
     wa, wb = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     w0 = load_file(tiny_model_dir / "model.safetensors")
     assert wa.keys() == wb.keys()

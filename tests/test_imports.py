@@ -1,6 +1,7 @@
 """Imports point one way: config <- data, model, loss, attention <- forward <- support <- checkpoint, evaluate <- train <- cli.
 
-report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli."""
+report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli.
+stats (numpy only) <- evaluate, answers, compare; data, stats <- answers <- train, cli."""
 
 import ast
 from pathlib import Path
@@ -23,16 +24,18 @@ ALLOWED = {
     "integrity": set(),
     "checkpoint": {"errors", "diskio", "integrity"},
     "resume": {"checkpoint", "diskio", "errors", "integrity"},
-    "evaluate": {"data", "forward", "loss", "model", "errors", "support"},
-    "train": {"checkpoint", "config", "data", "diskio", "errors", "evaluate", "export", "forward", "loss", "model",
-              "progress", "report", "resume", "runlock", "support"},
+    "evaluate": {"data", "forward", "loss", "model", "errors", "stats", "support"},
+    "stats": set(),
+    "answers": {"data", "stats"},
+    "train": {"answers", "checkpoint", "config", "data", "diskio", "errors", "evaluate", "export", "forward", "loss",
+              "model", "progress", "report", "resume", "runlock", "support"},
     "export": {"config", "errors", "model"},
-    "cli": {"config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
+    "cli": {"answers", "config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer
     "report": {"errors", "config", "diskio"},
     "inspect_data": {"config", "data", "errors", "model"},
     "chat": {"errors", "evaluate", "model"},
-    "compare": {"config", "errors", "report", "train"},
+    "compare": {"config", "data", "errors", "report", "stats", "train"},
     "__main__": {"cli"},
     "__init__": {"config"},
 }

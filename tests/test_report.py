@@ -1,6 +1,7 @@
 """OUT/report.html: built from a run's files, self-contained, robust to a run still in progress."""
 
 import base64
+import html
 import json
 import math
 import re
@@ -10,11 +11,10 @@ import subprocess
 import pytest
 
 from orpo.cli import main
+from orpo.compare import compare_numbers, plot_compare
 from orpo.report import (
-    compare_numbers,
     load_run,
     make_plots,
-    plot_compare,
     read_metrics,
     smooth,
     write_report,
@@ -134,7 +134,7 @@ def test_report_with_no_metrics_or_only_some(tmp_path):
 
 def test_a_plotting_failure_keeps_the_tables_and_never_fails_a_run(tmp_path, monkeypatch, capsys):
     out = write_run(tmp_path / "run")
-    import orpo.report as report
+    import orpo.report.page as report
 
     def boom(run):
         raise RuntimeError("no display")
@@ -186,6 +186,9 @@ def test_a_training_run_leaves_a_report(tmp_path, tiny_model_dir, conv_file):
     page = (out / "report.html").read_text()
     assert "finished: 2 steps" in page and len(images(page)) >= 6
     assert "held-out, step 0" in page and "held-out, step 2" in page and "trained model (after)" in page
+    # the path the start-up check chose, as the run printed it
+    line = json.loads((out / "summary.json").read_text())["paths"]["line"]
+    assert line.startswith("attention: blocks + prefix sharing + packing") and f"log-probs: {html.escape(line)}" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -210,3 +213,119 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(colors) > 200
     near = lambda rgb, c: all(abs(a - b) < 30 for a, b in zip(rgb, c))  # noqa: E731
     assert any(near(c, (44, 160, 44)) for c in colors) and any(near(c, (214, 39, 40)) for c in colors)
+
+
+def write_pair_values(out, steps, drift_wrong, seed):
+    """eval_pairs.jsonl of a run on 40 built-in-like pairs, half chatty, half wrong: the wrong answers'
+    log p moves by ``drift_wrong`` per step, the chatty ones and the chosen ones as in both runs."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base_c, base_r = rng.normal(-3, 0.5, 40), rng.normal(-4, 0.5, 40)
+    where = [f"builtin-heldout:capital:{i}:{'chatty' if i % 2 else 'wrong'}" for i in range(40)]
+    wrong = np.array([i % 2 == 0 for i in range(40)])
+    with open(out / "eval_pairs.jsonl", "w") as fh:
+        for s in steps:
+            c = base_c + 0.05 * s + rng.normal(0, 0.02, 40)
+            r = base_r + np.where(wrong, drift_wrong * s, -0.02 * s) + rng.normal(0, 0.02, 40)
+            fh.write(json.dumps({"step": s, "where": where, "logps/chosen": c.tolist(), "logps/rejected": r.tolist()}) + "\n")
+    with open(out / "samples.jsonl", "w") as fh:
+        for i in range(10):
+            fh.write(json.dumps({"prompt": f"q{i}", "expected": "x", "content_after": bool(i % 3)}) + "\n")
+
+
+def test_compare_per_kind_with_intervals_and_the_paired_difference(tmp_path):
+    from orpo.compare import compare_results, format_numbers
+
+    sft, orpo = write_run(tmp_path / "sft"), write_run(tmp_path / "orpo")
+    write_pair_values(sft, [0, 10, 20], drift_wrong=0.03, seed=0)  # SFT lifts the wrong answers
+    write_pair_values(orpo, [0, 10, 20], drift_wrong=-0.03, seed=0)  # ORPO pushes them down
+    result = compare_results({"SFT": str(sft), "ORPO": str(orpo)})
+    kinds = result["kinds"]["SFT"]
+    assert set(kinds) == {"all pairs", "chatty rejected", "wrong rejected"} and kinds["wrong rejected"]["pairs"] == 20
+    up = kinds["wrong rejected"]["logps/rejected"]
+    assert up[-1] - up[0] == pytest.approx(0.6, abs=0.05)
+    lo, hi = kinds["wrong rejected"]["logps/rejected_ci"][-1]
+    assert lo < up[-1] < hi
+    paired = result["paired_orpo_minus_sft"]
+    assert paired["wrong rejected"]["logps/rejected"]["distinguishable"]
+    assert paired["wrong rejected"]["logps/rejected"]["diff"] == pytest.approx(-1.2, abs=0.05)
+    assert not paired["chatty rejected"]["logps/rejected"]["distinguishable"]  # the same in both runs
+    assert paired["content accuracy"]["diff"] == 0.0
+    text = format_numbers(result)
+    assert "wrong rejected: log p rejected: -1.2" in text and "distinguishable from zero: the whole 95% interval is below 0" in text
+    assert "chatty rejected: log p rejected" in text and "not distinguishable from zero" in text
+    fig = plot_compare({"SFT": sft, "ORPO": orpo}, tmp_path / "figure3.png", title="test")
+    assert fig.read_bytes().startswith(PNG_MAGIC) and fig.stat().st_size > 30_000
+
+
+def test_report_marks_content_lists_regressions_and_shows_intervals(tmp_path):
+    from orpo.answers import answer_summary
+
+    out = write_run(tmp_path / "run")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for r in rows:
+        if "eval_logps/chosen" in r:
+            r["eval_logps/chosen_ci"] = [r["eval_logps/chosen"] - 0.25, r["eval_logps/chosen"] + 0.25]
+            r["eval_rewards/accuracies_ci"] = [0.125, 0.875]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "config.yaml").write_text("model: null\ndata: null\neval_data: null\nbeta: 0.5\nlr: 0.0002\n")
+    q = [([{"role": "user", "content": "What is the capital of Canada?"}], "Ottawa"),
+         ([{"role": "user", "content": "What is the capital of Indonesia?"}], "Jakarta")]
+    before, after = ["The capital of Canada is Ottawa.", "The capital of Indonesia is Jakarta."], ["Toronto", "Jakarta"]
+    answers = answer_summary(q, before, after)
+    (out / "summary.json").write_text(json.dumps({"steps": 20, "answer_accuracy": [0.0, 0.5], "answers": answers}))
+    with open(out / "samples.jsonl", "w") as fh:
+        for (msgs, exp), b, a in zip(q, before, after):
+            fh.write(json.dumps({"prompt": msgs[-1]["content"], "expected": exp, "before": b, "after": a,
+                                 "correct_before": False, "correct_after": a == exp,
+                                 "content_before": True, "content_after": a == exp}) + "\n")
+    page = write_report(out).read_text()
+    # Right in content but chatty is not a red cross; the regression is listed by name.
+    assert "title='right in content, not the bare answer'>≈</span> The capital of Indonesia is Jakarta." in page
+    assert "title='wrong'>✗</span> Toronto" in page
+    assert "Right in content before training and wrong after: <b>1</b>" in page and "<td>Toronto</td>" in page
+    assert "right in content (the answer is in the reply)" in page
+    # Held-out values carry their intervals; the config table names the model and the data.
+    assert "[0.125, 0.875]" in page and "bootstrap 95% interval" in page
+    assert "SmolLM2-135M-Instruct" in page.split("<h2>Config</h2>")[1]
+    assert "orpo/data/builtin.py" in page.split("<h2>Config</h2>")[1]
+
+
+
+def test_small_values_on_an_axis_read_in_scientific_notation(tmp_path, monkeypatch):
+    """The learning-rate plot's tick labels: "1e-4" once on the axis, never "0.000200"."""
+    import orpo.report.plots as plots
+
+    labels = {}
+    real_png = plots._png
+
+    def spy(fig):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        labels[ax.get_title()] = [t.get_text() for t in ax.get_yticklabels()] + [ax.yaxis.get_offset_text().get_text()]
+        return real_png(fig)
+
+    monkeypatch.setattr(plots, "_png", spy)
+    plots.make_plots(load_run(write_run(tmp_path / "run")))
+    lr = labels["Learning rate"]
+    assert not any("0.0000" in t or "0.000" in t for t in lr), lr
+    assert any("10^{−4}" in t or "10^{-4}" in t or "e-4" in t or "−4" in t for t in lr), lr
+
+
+def test_compare_without_data_runs_the_default_recipe_into_its_own_folder(monkeypatch, capsys):
+    import orpo.compare as compare
+
+    seen = {}
+
+    def fake_run(base, orpo_beta, out):
+        seen.update(base=base, beta=orpo_beta, out=out)
+        return {"kinds": {}, "numbers": {}, "answers": {}, "paired_orpo_minus_sft": {}, "figure": "figure3.png"}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    assert main(["compare"]) == 0
+    base = seen["base"]
+    assert base.data is None and base.lora and base.eval_steps == 8 and not base.overwrite
+    assert seen["beta"] == 0.5 and seen["out"] == "runs/compare"  # the recipe's beta, not the default job's folder
+    assert main(["compare", "--orpo-beta", "0.2", "--output-dir", "elsewhere"]) == 0
+    assert seen["beta"] == 0.2 and seen["out"] == "elsewhere"

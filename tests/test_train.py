@@ -162,6 +162,9 @@ def test_eval_command_prints_json(tmp_path, tiny_model_dir, conv_file, capsys):
     m = json.loads(last)
     assert m["eval_pairs"] == 12 and 0 <= m["eval_rewards/accuracies"] <= 1
     assert math.isfinite(m["eval_loss"])
+    for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss"):
+        lo, hi = m[f"eval_{key}_ci"]
+        assert lo <= m[f"eval_{key}"] <= hi, key
 
 
 def test_report_to_tensorboard_writes_events(tmp_path, tiny_model_dir, plain_file):

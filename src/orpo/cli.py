@@ -163,9 +163,10 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
     print(f"model:   {result.model_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
     if cfg.lora:
         print(f"adapter: {result.output_dir / 'adapter'}")
-    if result.answer_accuracy is not None:
-        before, after = result.answer_accuracy
-        print(f"held-out questions answered exactly right: {before:.0%} before training -> {after:.0%} after")
+    if result.answers is not None:
+        from .answers import summary_lines
+
+        print("\n".join(summary_lines(result.answers)))
     return 0
 
 
@@ -280,11 +281,14 @@ def _add_tool_parsers(sub) -> None:
     m = sub.add_parser("compare", allow_abbrev=False, help="SFT vs ORPO on held-out pairs (the paper's Figure 3)",
                        description="Train the same config twice, SFT (beta 0) and ORPO (beta --orpo-beta), with the same "
                        "data, seed and budget, evaluating both on --eval-data throughout; draw the held-out log-probs of "
-                       "chosen and rejected answers on one figure (OUT/figure3.png, numbers in OUT/compare.json). "
-                       "--output-dir defaults to runs/compare, --eval-steps to 10.")
+                       "chosen and rejected answers on one figure with 95% intervals (OUT/figure3.png, numbers in "
+                       "OUT/compare.json) and the paired difference ORPO - SFT on the same held-out pairs. With no "
+                       "--data it runs the default job's recipe on the built-in data. --output-dir defaults to "
+                       "runs/compare, --eval-steps to the config's or 10.")
     m.add_argument("config", nargs="?", help="YAML config file; flags given after it override its values")
     add_config_flags(m, only={f.name for f in C.fields()} - {"beta"})
-    m.add_argument("--orpo-beta", type=float, default=0.1, help="beta of the ORPO run [default: 0.1]")
+    m.add_argument("--orpo-beta", type=float, default=None,
+                   help="beta of the ORPO run [default: the config's beta if it sets one, else 0.1]")
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
@@ -336,18 +340,26 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .compare import DEFAULT_EVAL_STEPS, DEFAULT_OUT, format_numbers, run_compare
 
     overrides = _typed(ns, skip=("command", "config", "orpo_beta"))
-    base = C.build(overrides, ns.config)
-    yaml_keys = set(C.load_yaml(ns.config)) if ns.config else set()
+    config = ns.config
+    if config is None and "data" not in overrides:  # the built-in data: the default job's recipe, twice
+        config = default_job_path()
+        print(f"orpo compare: no --data, so comparing SFT and ORPO on the default job ({config})", flush=True)
+    base = C.build(overrides, config)
+    yaml_keys = set(C.load_yaml(config)) if config else set()
+    if config is not ns.config:  # not the default job's own folder, nor its overwrite: runs/compare, reused when finished
+        yaml_keys -= {"output_dir"}
+        base = replace(base, overwrite=bool(overrides.get("overwrite", False)))
+    orpo_beta = ns.orpo_beta if ns.orpo_beta is not None else (base.beta if "beta" in yaml_keys else 0.1)
     out = base.output_dir if ("output_dir" in overrides or "output_dir" in yaml_keys) else DEFAULT_OUT
     if "eval_steps" not in overrides and "eval_steps" not in yaml_keys:
-        from dataclasses import replace
-
         base = replace(base, eval_steps=DEFAULT_EVAL_STEPS)
-    result = run_compare(base, ns.orpo_beta, out)
-    print("\n" + format_numbers(result["numbers"]))
+    result = run_compare(base, orpo_beta, out)
+    print("\n" + format_numbers(result))
     print(f"\nfigure:  {result['figure']}\nnumbers: {Path(out) / 'compare.json'}")
     return 0
 

@@ -2,7 +2,7 @@
 
 ``evaluate_pairs`` runs the training forward and loss without gradients over held-out pairs and
 returns the same metrics as training with an ``eval_`` prefix: the NLL token-weighted over the whole
-set, everything else averaged over pairs. ``generate`` gives greedy (or sampled) answers for chat or
+set, everything else averaged over pairs, each with its bootstrap 95% interval (``eval_<name>_ci``). ``generate`` gives greedy (or sampled) answers for chat or
 plain prompts, batched with left padding.
 
 Several processes split the held-out pairs ``rank::world``, so one may hold a pair more than another,
@@ -21,7 +21,12 @@ import torch
 
 from .data.batching import nll_tokens
 from .data.templates import TokenizedPair
-from .loss import metric_vector, orpo_loss, summarize
+from .loss import KIND_CHOSEN, KIND_PROMPT, metric_vector, odds_ratio_loss, orpo_loss, sequence_logps, summarize
+from .stats import bootstrap_mean_ci, bootstrap_ratio_ci
+
+
+# Per-pair values kept by evaluate_pairs, one column each (see PairValues).
+VALUE_COLUMNS = ("weight", "logps/chosen", "logps/rejected", "log_odds_chosen", "nll_sum", "nll_tokens")
 
 
 def lockstep_batches(n_pairs: int, world: int, batch_size: int) -> int:
@@ -43,15 +48,29 @@ def evaluate_pairs(
     reduce=None,
     n_batches: int | None = None,
     pad_pair: TokenizedPair | None = None,
-) -> dict[str, float]:
+    positions=None,
+    n_total: int | None = None,
+    keep_values: bool = False,
+):
     """Eval metrics over ``pairs`` (this process's share). ``reduce`` sums a tensor across processes;
     ``autocast`` is a context manager factory for mixed precision; ``collate_fn(pairs, prompt_in_nll,
     pad_id)`` lays a batch out (the policy's own ``collate``, by default). ``n_batches`` (with
     ``pad_pair``, any held-out pair) makes this process run exactly that many forwards, padding with
-    weight 0."""
+    weight 0.
+
+    Besides the means, every pair's own values are kept in an (n_total, 6) fp64 table (columns
+    ``VALUE_COLUMNS``), row ``positions[i]`` for ``pairs[i]`` (its index in the whole held-out set;
+    default ``range(len(pairs))``). Rows no process filled keep weight 0, so under several processes
+    one sum-``reduce`` gathers the whole table, and a padding pair that enters no row is left out.
+    The table gives the bootstrap 95% intervals (``stats``), stored as ``eval_<metric>_ci: [lo, hi]``.
+    With ``keep_values`` the return is ``(metrics, table)``, the table a numpy array of the real pairs.
+    """
     was_training = policy.training
     policy.eval()
     total = None
+    positions = list(range(len(pairs))) if positions is None else [int(i) for i in positions]
+    n_total = len(pairs) if n_total is None else int(n_total)
+    table = torch.zeros(n_total, len(VALUE_COLUMNS), dtype=torch.float64, device=device)
     nll_norm = float(sum(nll_tokens(p, prompt_in_nll) for p in pairs)) or 1.0
     if n_batches is None:
         n_batches = math.ceil(len(pairs) / batch_size)
@@ -71,16 +90,57 @@ def evaluate_pairs(
             continue
         vec = metric_vector(part, batch.n_pairs)
         total = vec if total is None else total + vec
+        s = b * batch_size
+        rows = torch.tensor(positions[s : s + batch.n_pairs], dtype=torch.long, device=table.device)
+        table[rows] = _pair_values(logps, batch, prompt_in_nll).to(table.device)
     if total is None:
         total = torch.zeros(4 + 8, dtype=torch.float64, device=device)
     if reduce is not None:
         total = reduce(total)
-    total = total.cpu()
+        table = reduce(table)
+    total, table = total.cpu(), table.cpu()
     if was_training:
         policy.train()
     metrics = summarize(total, beta)
     metrics["pairs"] = int(total[3].item())
-    return {f"eval_{k}": v for k, v in metrics.items()}
+    values = table[table[:, 0] > 0].numpy()
+    out = {f"eval_{k}": v for k, v in metrics.items()}
+    out.update(intervals(values, beta))
+    return (out, values) if keep_values else out
+
+
+def _pair_values(logps: torch.Tensor, batch, prompt_in_nll: bool) -> torch.Tensor:
+    """(n_pairs, 6) per-pair values of one batch, in ``VALUE_COLUMNS`` order."""
+    chosen, rejected = sequence_logps(logps, batch.pair, batch.kind, batch.n_pairs)
+    _, ratio = odds_ratio_loss(chosen, rejected)
+    nll_mask = batch.kind == KIND_CHOSEN
+    if prompt_in_nll:
+        nll_mask = nll_mask | (batch.kind == KIND_PROMPT)
+    idx = batch.pair[nll_mask]
+    nll_sum = logps.new_zeros(batch.n_pairs).index_add(0, idx, -logps[nll_mask])
+    nll_tok = torch.bincount(idx, minlength=batch.n_pairs).to(logps.dtype)
+    cols = (torch.ones_like(chosen), chosen, rejected, ratio, nll_sum, nll_tok)
+    return torch.stack([c.double() for c in cols], dim=1)
+
+
+def intervals(values, beta: float) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals from a per-pair table (rows = real pairs, ``VALUE_COLUMNS``):
+    ``eval_<metric>_ci`` for the mean log-probs, the margins, the accuracy, the log-odds ratio and
+    the token-weighted NLL, plus the beta-free gap ``eval_logp_margin`` (mean chosen - rejected log p)."""
+    if len(values) == 0:
+        return {}
+    c, r, ratio = values[:, 1], values[:, 2], values[:, 3]
+    out = {"eval_logp_margin": float((c - r).mean())}
+    for key, x in (("logps/chosen", c), ("logps/rejected", r), ("logp_margin", c - r),
+                   ("rewards/margins", beta * (c - r)), ("rewards/accuracies", (c > r).astype(float)),
+                   ("log_odds_chosen", ratio)):
+        ci = bootstrap_mean_ci(x)
+        if ci is not None:
+            out[f"eval_{key}_ci"] = ci
+    ci = bootstrap_ratio_ci(values[:, 4], values[:, 5])
+    if ci is not None:
+        out["eval_nll_loss_ci"] = ci
+    return out
 
 
 def _unwrap(policy):
@@ -176,3 +236,17 @@ def evaluate_model(cfg) -> dict:
     metrics["eval_truncated_prompts"] = stats.prompt_truncated
     metrics["eval_skipped"] = stats.skips.total
     return metrics
+
+
+def write_pair_values(path, step: int, pairs, values) -> None:
+    """Append one evaluation's per-pair values to ``OUT/eval_pairs.jsonl``: one JSON object with the
+    step, each pair's ``where`` (its source, the key that matches pairs across runs) and the columns
+    of ``values`` (rows in the order of ``pairs``). A resumed run may write a step twice; readers keep
+    the later row."""
+    import json
+
+    row = {"step": int(step), "where": [pairs[i].where for i in range(len(pairs))]}
+    for j, name in enumerate(VALUE_COLUMNS[1:], start=1):
+        row[name] = [round(float(x), 6) for x in values[:, j]]
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")

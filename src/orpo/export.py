@@ -638,6 +638,10 @@ def model_card(dest: Path, run_dir: Path | None, source_path: Path | None = None
         acc = (summary or {}).get("answer_accuracy")
         if acc:
             out += ["", f"Held-out questions answered exactly right: {acc[0]:.0%} before training, {acc[1]:.0%} after."]
+            ans = (summary or {}).get("answers") or {}
+            if "content_before" in ans:
+                out += [f"Right in content (the answer anywhere in the reply): {ans['content_before']:.0%} before, "
+                        f"{ans['content_after']:.0%} after; {len(ans.get('regressions', []))} went from right to wrong."]
     else:
         out.append("No metrics recorded (no summary.json).")
     if notes:

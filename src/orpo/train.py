@@ -26,12 +26,13 @@ import torch
 
 from . import checkpoint as ckpt
 from . import diskio, resume, runlock
+from .answers import answer_summary, sample_marks
 from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
-from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
+from .data.builtin import HELDOUT_LABEL, builtin_pairs, heldout_pairs, heldout_questions
 from .errors import UserError
-from .evaluate import evaluate_pairs, generate, lockstep_batches
+from .evaluate import evaluate_pairs, generate, lockstep_batches, write_pair_values
 from .export import write_model_card
 from .report import write_report_safe
 from .forward import PolicyForward
@@ -55,7 +56,7 @@ from .model import (
 from .progress import Progress
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "model", "adapter", "summary.json", "samples.jsonl",
-             "data_counts.json", "export", "report.html", resume.BEFORE)
+             "data_counts.json", "export", "report.html", "eval_pairs.jsonl", resume.BEFORE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     if cfg.eval_data is not None:
         evals = scan_rows(cfg.eval_data, cfg.eval_max_rows)
     elif builtin:
-        evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
+        evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label=HELDOUT_LABEL)
     for rows in (train, evals):
         if rows is not None:
             check_strict(rows.name, rows.skips, cfg.strict)
@@ -279,6 +280,7 @@ class RunResult:
     answer_accuracy: tuple[float, float] | None
     model_dir: Path
     is_main: bool = True
+    answers: dict | None = None  # the default job's held-out answers (orpo.answers.answer_summary)
 
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
@@ -434,14 +436,17 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
     def run_eval(step: int) -> dict:
         mine = eval_pairs[rank::world] if eval_pairs is not None else []
         bs = max(2, cfg.batch_size * 2)
-        m = evaluate_pairs(
+        m, values = evaluate_pairs(
             policy, mine, cfg.beta, cfg.prompt_in_nll, batch_size=bs,
             collate_fn=forward.collate, pad_id=pad_id, device=device,
             autocast=autocast, reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(),
             n_batches=lockstep_batches(len(eval_pairs), world, bs), pad_pair=eval_pairs[0],  # same forwards everywhere
+            positions=range(rank, len(eval_pairs), world), n_total=len(eval_pairs), keep_values=True,
         )
         row = {"step": step, "epoch": round(min(step, total_steps) / plan.steps_per_epoch, 4), **m}
         _log(accelerator, metrics_path, row, is_main)
+        if is_main:  # every pair's own values, for paired comparisons across runs (orpo compare)
+            write_pair_values(out / "eval_pairs.jsonl", step, eval_pairs, values)
         return row
 
     # --- before: greedy answers on held-out prompts -----------------------------------------------
@@ -575,7 +580,7 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
     if eval_pairs:
         eval_last = run_eval(step)
         say(_eval_line(eval_last))
-    accuracy = None
+    accuracy, answers = None, None
     # Sharded engines hold pieces of the weights on every process: gather them (a collective call).
     full_state = None
     if sharded:
@@ -590,14 +595,13 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
             after_answers = generate(lm, tokenizer, [q for q, _ in questions] + sample_prompts, max_new_tokens=48, device=device)
         if questions and before_answers:
             n = len(questions)
-            acc_b = sum(is_correct(a, q[1]) for a, q in zip(before_answers[:n], questions)) / n
-            acc_a = sum(is_correct(a, q[1]) for a, q in zip(after_answers[:n], questions)) / n
-            accuracy = (acc_b, acc_a)
+            answers = answer_summary(questions, before_answers[:n], after_answers[:n])
+            accuracy = (answers["exact_before"], answers["exact_after"])
         _write_samples(out, tokenizer, questions, sample_prompts, before_answers, after_answers)
         summary = {
             "steps": step, "time_s": round(time.time() - t0, 2), "final": last_row, "eval": eval_last,
-            "data": data_counts, "answer_accuracy": accuracy, "model_dir": str(model_dir),
-            "paths": paths.as_dict(),
+            "data": data_counts, "answer_accuracy": accuracy, "answers": answers,
+            "model_dir": str(model_dir), "paths": {**paths.as_dict(), "line": paths.line()},
         }
         diskio.write_text(out / "summary.json", json.dumps(summary, indent=1))
         with diskio.writing(model_dir / "README.md", "the model card"):
@@ -608,7 +612,7 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
         model_dir = out / "model"
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(out, step, last_row, eval_last, accuracy, model_dir, is_main)
+    return RunResult(out, step, last_row, eval_last, accuracy, model_dir, is_main, answers)
 
 
 def _configure_deepspeed(accelerator, policy: PolicyForward, cfg: TrainConfig) -> None:
@@ -637,9 +641,13 @@ class _nullcontext:
 
 
 def _eval_line(row: dict) -> str:
-    return (f"eval @ step {row['step']}: loss {row['eval_loss']:.4f}, nll {row['eval_nll_loss']:.4f}, "
-            f"accuracy {row['eval_rewards/accuracies']:.3f}, margin {row['eval_rewards/margins']:.4f}, "
-            f"logps chosen {row['eval_logps/chosen']:.3f} / rejected {row['eval_logps/rejected']:.3f}")
+    def v(key, fmt):  # the value and its bootstrap 95% interval
+        ci = row.get(f"eval_{key}_ci")
+        return f"{row['eval_' + key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+
+    return (f"eval @ step {row['step']}: loss {row['eval_loss']:.4f}, nll {v('nll_loss', '.4f')}, "
+            f"accuracy {v('rewards/accuracies', '.3f')}, margin {v('rewards/margins', '.4f')}, "
+            f"logps chosen {v('logps/chosen', '.3f')} / rejected {v('logps/rejected', '.3f')}")
 
 
 def _is_sharded(accelerator) -> bool:
@@ -710,9 +718,10 @@ def _write_samples(out: Path, tokenizer, questions, prompts, before, after) -> N
     """OUT/samples.jsonl: each held-out prompt with the greedy answer before and after training."""
     rows = []
     for i, (q, answer) in enumerate(questions):
+        mb, ma = (sample_marks(_at(xs, i), answer, q[-1]["content"]) for xs in (before, after))
         rows.append({"prompt": q[-1]["content"], "expected": answer, "before": _at(before, i), "after": _at(after, i),
-                     "correct_before": is_correct(_at(before, i) or "", answer),
-                     "correct_after": is_correct(_at(after, i) or "", answer)})
+                     "correct_before": mb["exact"], "correct_after": ma["exact"],
+                     "content_before": mb["content"], "content_after": ma["content"]})
     n = len(questions)
     for j, p in enumerate(prompts):
         rows.append({"prompt": tokenizer.decode(p), "before": _at(before, n + j), "after": _at(after, n + j)})

@@ -2,9 +2,15 @@
 
 The preferred behaviour is to answer with the bare, correct answer ("Paris"). Each rejected answer is
 either the right answer buried in chatter, the way small instruction-tuned models tend to reply, or a
-bare wrong answer. Questions are split by *item* (a country, a word, a number pair), so the held-out
-questions ask about things the training pairs never mention, and :func:`is_correct` checks a greedy
-answer exactly. Nothing is downloaded; the same seed gives the same rows.
+bare wrong answer; the pair's ``where`` ends in ``:chatty`` or ``:wrong`` to say which
+(:func:`rejected_kind`). The two kinds test different things: a chatty answer holds the right content
+in the wrong format, a wrong answer the wrong content in the right format, so SFT on "Ottawa" should
+also lift "Toronto" and the odds-ratio term should push it down (the ORPO paper's Figure 3 argument).
+
+Questions are split by *item* (a country, a word, a number pair), so the held-out questions ask about
+things the training pairs never mention. :func:`is_correct` checks a greedy answer exactly (the
+format), :func:`is_right_in_content` whether it holds the right answer at all. Nothing is downloaded;
+the same seed gives the same rows.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ WORDS = [
     "wagon", "yogurt", "zipper", "basket", "castle", "desert",
 ]
 
+# Number pairs for "which number is larger". Kept near the size of the other families: with 150 of them
+# they were 28 of the 48 held-out questions and carried most of any change in the headline figure.
+N_LARGER = 40
+
 CHATTER = [
     "I hope this helps! Let me know if you have any other questions.",
     "This is a great question, and it is a common one.",
@@ -87,7 +97,7 @@ def _questions() -> list[tuple[str, str, str, list[str], str]]:
             qs.append(("letter", word, q, [c for c in "abcdefghijklmnopqrstuvwxyz" if c != letter], verbose, letter))
     rng = random.Random(1234)
     seen = set()
-    while len(seen) < 150:
+    while len(seen) < N_LARGER:
         a, b = rng.sample(range(10, 100), 2)
         if (a, b) in seen:
             continue
@@ -115,21 +125,27 @@ def builtin_pairs(seed: int = 0) -> list[Pair]:
     return pairs
 
 
-def heldout_questions(limit: int | None = 48, seed: int = 0) -> list[tuple[list[dict], str]]:
-    """Held-out (prompt messages, right answer), one question per held-out item, families interleaved."""
-    by_item: dict[str, tuple[list[dict], str]] = {}
+def heldout_questions(limit: int | None = None, seed: int = 0) -> list[tuple[list[dict], str]]:
+    """Held-out (prompt messages, right answer), one question per held-out item, the families taken in
+    turn (so any ``limit`` keeps every family in it)."""
+    by_family: dict[str, dict[str, tuple[list[dict], str]]] = {}
     for family, item, q, _wrong, _verbose, answer in _questions():
         key = f"{family}:{item}"
-        if _held_out(key) and key not in by_item:
-            by_item[key] = ([{"role": "user", "content": q}], answer)
-    items = sorted(by_item.items())
-    random.Random(seed).shuffle(items)
-    out = [v for _, v in items]
+        if _held_out(key) and item not in by_family.setdefault(family, {}):
+            by_family[family][item] = ([{"role": "user", "content": q}], answer)
+    rng = random.Random(seed)
+    queues = []
+    for family in sorted(by_family):
+        items = sorted(by_family[family].items())
+        rng.shuffle(items)
+        queues.append([v for _, v in items])
+    out = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     return out[:limit] if limit else out
 
 
 def heldout_pairs(seed: int = 0) -> list[Pair]:
-    """Held-out preference pairs (for eval metrics), built like the training pairs."""
+    """Held-out preference pairs (for eval metrics), built like the training pairs: each held-out
+    question twice, once against a chatty answer and once against a wrong one."""
     rng = random.Random(seed + 1)
     pairs = []
     for i, (family, item, q, wrong, verbose, answer) in enumerate(_questions()):
@@ -137,9 +153,50 @@ def heldout_pairs(seed: int = 0) -> list[Pair]:
             continue
         prompt = [{"role": "user", "content": q}]
         chosen = [{"role": "assistant", "content": answer}]
-        rejected = f"{verbose} {rng.choice(CHATTER)}" if i % 2 else rng.choice(wrong)
-        pairs.append(Pair(prompt, chosen, [{"role": "assistant", "content": rejected}], f"builtin-heldout:{family}:{i}"))
+        for kind, rejected in (("chatty", f"{verbose} {rng.choice(CHATTER)}"), ("wrong", rng.choice(wrong))):
+            pairs.append(Pair(prompt, chosen, [{"role": "assistant", "content": rejected}],
+                              f"builtin-heldout:{family}:{i}:{kind}"))
     return pairs
+
+
+REJECTED_KINDS = ("chatty", "wrong")
+# How the training loop names the held-out set; its token store calls pair i "<label>: row i+1".
+HELDOUT_LABEL = "built-in held-out set"
+
+
+def rejected_kind(where: str) -> str | None:
+    """"chatty" or "wrong" for a built-in pair, None for any other pair. ``where`` is the pair's own
+    (``builtin-heldout:capital:12:wrong``) or, after tokenization, its row in the held-out store
+    (``built-in held-out set: row 24``): the held-out pairs come in a fixed order, the same for every
+    seed (each question against a chatty answer, then against a wrong one)."""
+    if where.startswith("builtin") and where.rsplit(":", 1)[-1] in REJECTED_KINDS:
+        return where.rsplit(":", 1)[-1]
+    m = re.fullmatch(re.escape(HELDOUT_LABEL) + r": row (\d+)", where)
+    if m:
+        kinds = _heldout_kinds()
+        i = int(m.group(1)) - 1
+        return kinds[i] if 0 <= i < len(kinds) else None
+    return None
+
+
+_KINDS: list = []
+
+
+def _heldout_kinds() -> list[str | None]:
+    if not _KINDS:
+        _KINDS.extend(rejected_kind(p.where) for p in heldout_pairs())
+    return _KINDS
+
+
+def family_of(question: str) -> str:
+    """The family of a built-in question, from its wording."""
+    q = question.lower()
+    for family, marker in (("larger", "number is larger"), ("letter", "letter"), ("letter", "start with"),
+                           ("capital", "capital"), ("antonym", "opposite"), ("antonym", "antonym"),
+                           ("day", "which day"), ("month", "which month")):
+        if marker in q:
+            return family
+    return "other"
 
 
 def _norm(text: str) -> str:
@@ -149,3 +206,27 @@ def _norm(text: str) -> str:
 def is_correct(reply: str, answer: str) -> bool:
     """The chosen behaviour: the reply is the right answer and nothing else (case and punctuation aside)."""
     return _norm(reply) == _norm(answer)
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+def is_right_in_content(reply: str, answer: str, question: str = "") -> bool:
+    """Whether the reply gives the right answer, in whatever format ("The capital of Canada is Ottawa,
+    Canada." counts; "Toronto" does not). For "which number is larger" a reply may name both numbers:
+    the one it calls larger counts ("X is larger than Y" gives X, otherwise the last number). For a
+    first letter the letter must stand alone, follow "letter" or be quoted ("a" is also a word);
+    otherwise the answer must appear as whole words."""
+    if is_correct(reply, answer):
+        return True
+    family = family_of(question)
+    if family == "larger":
+        m = re.search(r"(\d+)\s+is\s+(?:larger|bigger|greater)\s+than", reply)
+        nums = re.findall(r"\d+", reply)
+        said = m.group(1) if m else (nums[-1] if nums else None)
+        return said == answer
+    if family == "letter":
+        a = re.escape(answer.lower())
+        return re.search(rf"(letter\s+|['\"‘“]){a}(['\"’”]|\b)", reply.lower()) is not None
+    return _words(answer) in _words(reply)
