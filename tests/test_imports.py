@@ -18,9 +18,10 @@ ALLOWED = {
     "progress": set(),
     "forward": {"attention", "data", "errors", "loss", "model"},
     "checkpoint": {"errors"},
+    "optim": {"config", "errors"},
     "evaluate": {"data", "forward", "loss", "model", "errors"},
-    "train": {"checkpoint", "config", "data", "errors", "evaluate", "export", "forward", "loss", "model", "progress",
-              "report"},
+    "train": {"checkpoint", "config", "data", "errors", "evaluate", "export", "forward", "loss", "model", "optim",
+              "progress", "report"},
     "export": {"config", "errors", "model"},
     "cli": {"config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer
