@@ -52,6 +52,9 @@ VARIANTS = {
     "trl-gc": ("trl", {"gc": True}),
 }
 SHAPES = {  # published configs of SmolLM2-360M and SmolLM2-1.7B (same tokenizer and vocabulary as 135M)
+    # and a small one (11M parameters, 9.4M of them the embedding) for 100-step loss curves on a CPU
+    "small": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=3,
+                  num_key_value_heads=1, head_dim=64, tie_word_embeddings=True),
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                  num_key_value_heads=5, head_dim=64, tie_word_embeddings=True),
     "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
