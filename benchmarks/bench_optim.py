@@ -108,8 +108,13 @@ def steady(r: dict, pair_tokens: int) -> float | None:
 
 
 def make_shape(base: str, shape: str, out: Path) -> str:
-    """A random-weight model of a published shape with the base model's tokenizer (bf16 on disk is not
-    needed: orpo and TRL both load fp32)."""
+    """A random-weight model of a published shape with the base model's tokenizer, built in a child
+    process so that this parent does not keep the weights' memory (7 GB for 1.7B) while the tools run."""
+    subprocess.run([sys.executable, __file__, "--make-shape", shape, base, str(out)], check=True)
+    return str(out)
+
+
+def _make_shape(shape: str, base: str, out: Path) -> None:
     import shutil
 
     import torch
@@ -128,7 +133,6 @@ def make_shape(base: str, shape: str, out: Path) -> str:
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
             shutil.copy(f, out / f.name)
     print(f"{out}: SmolLM2-{shape} shape, {n / 1e6:.0f}M parameters (random)", file=sys.stderr, flush=True)
-    return str(out)
 
 
 def compare(args, data: str, rows: int, max_length: int, model: str) -> dict:
@@ -145,6 +149,8 @@ def compare(args, data: str, rows: int, max_length: int, model: str) -> dict:
             results[kind] = run_child(child, dict(spec, **extra), args.rss_limit_gb)
             brief = {k: v for k, v in results[kind].items() if k not in ("all_losses",)}
             print(f"  {kind}: {brief}", file=sys.stderr, flush=True)
+            if args.json:  # what has been measured so far survives an interrupted run
+                Path(args.json + ".partial").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -217,7 +223,11 @@ def main() -> None:
     ap.add_argument("--plot", help="PNG of the loss curves (with --curves)")
     ap.add_argument("--preload", help="LD_PRELOAD this malloc into every child")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--make-shape", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make_shape:
+        _make_shape(args.make_shape[0], args.make_shape[1], Path(args.make_shape[2]))
+        return
     import platform
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}"

@@ -210,3 +210,16 @@ def test_optimizer_trains_lora_adapters(name, model64, pairs, tmp_path):
     assert len(state["state"]) == len(saved)  # a state for every adapter matrix, none for the base
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: the adapters moved
+
+
+def test_tutorial_recipe_is_the_tutorials_job():
+    from pathlib import Path
+
+    cfg = C.build(yaml_path=Path(__file__).resolve().parents[1] / "configs" / "mistral-7b-qlora-tutorial.yaml")
+    assert (cfg.model.endswith("Mistral-7B-v0.1") and cfg.load_in_4bit and cfg.lora and cfg.optim == "paged_adamw_8bit")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 16, 0.05)
+    assert set(cfg.lora_target.split(",")) == {f"{m}_proj" for m in ("q", "k", "v", "o", "gate", "up", "down")}
+    assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_ratio, cfg.scheduler) == (2, 4, 8e-6, 0.1, "linear")
+    assert (cfg.beta, cfg.max_length, cfg.max_steps, cfg.eval_steps, cfg.precision) == (0.1, 1024, 100, 20, "bf16")
+    assert cfg.data == "HuggingFaceH4/ultrafeedback_binarized:train_prefs"
+    assert cfg.eval_data == "HuggingFaceH4/ultrafeedback_binarized:test_prefs"

@@ -82,6 +82,23 @@ def _cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
 
 
+def _import_quietly(name: str):
+    """Import bitsandbytes / torchao without their start-up warnings about CUDA kernels and optional
+    extensions that a CPU machine cannot load and this module does not use."""
+    import importlib
+    import logging
+
+    logs = [logging.getLogger(n) for n in (name, "torch.utils._pytree")]  # torchao registers enums there
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer of ``cfg.optim`` over ``model``'s trainable parameters: weight decay on matrices
     only (biases and norms get none). With ``cfg.bf16_weights`` the model is cast to bf16 first."""
@@ -101,8 +118,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
             return torch.optim.AdamW(groups, **kwargs)
     if name in ("adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
-
+        bnb = _import_quietly("bitsandbytes")
         cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
         return cls(groups, **kwargs)
     if name == "galore_adamw":
@@ -117,6 +133,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def _torchao(name: str, groups: list[dict], bf16: bool, kwargs: dict) -> torch.optim.Optimizer:
+    _import_quietly("torchao")
     import torchao.optim as ao
     from torchao.optim.subclass_4bit import OptimState4bit
     from torchao.optim.subclass_8bit import OptimState8bit
