@@ -155,6 +155,17 @@ def test_missing_package_names_the_pip_command(optim, package, tmp_path, tiny_mo
     assert rc == 2 and len(err.strip().splitlines()) == 1 and f"pip install {package}" in err, err
 
 
+def test_torchao_on_cpu_without_a_compiler_is_one_clear_line(monkeypatch):
+    pytest.importorskip("torchao")
+    import orpo.optim as O
+
+    monkeypatch.setattr(O, "_cxx_compiler", lambda: None)
+    with pytest.raises(UserError, match="--optim adamw_torch_4bit: torchao compiles .* needs a C\\+\\+ compiler"):
+        check_optimizer(C.build({"optim": "adamw_torch_4bit"}), cuda=False)
+    check_optimizer(C.build({"optim": "adamw_torch_4bit"}), cuda=True)  # CUDA: triton, no host compiler needed
+    check_optimizer(C.build({"optim": "adamw_8bit"}), cuda=False)
+
+
 def test_bf16_weights_needs_a_torchao_optimizer():
     with pytest.raises(UserError, match="--bf16-weights: stochastic rounding comes with torchao"):
         check_optimizer(C.build({"optim": "adamw_8bit", "bf16_weights": True}), cuda=False)

@@ -27,6 +27,7 @@ state (see tests/test_optim.py for which continue bitwise).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from dataclasses import dataclass
 
@@ -77,8 +78,6 @@ def check_optimizer(cfg: TrainConfig, cuda: bool | None = None) -> None:
 
 
 def _cxx_compiler() -> str | None:
-    import os
-
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
 
 
