@@ -224,7 +224,13 @@ def main() -> None:
     ap.add_argument("--preload", help="LD_PRELOAD this malloc into every child")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--make-shape", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--table", metavar="JSON", help="print the table of a saved (or .partial) result file and stop")
     args = ap.parse_args()
+    if args.table:
+        data = json.loads(Path(args.table).read_text())
+        for title, res in ({"partial": data} if "workload" in data else data).items():
+            print_table(f"{args.table}: {title}", res)
+        return
     if args.make_shape:
         _make_shape(args.make_shape[0], args.make_shape[1], Path(args.make_shape[2]))
         return
