@@ -51,7 +51,7 @@ def child_ours(spec: dict) -> dict:
     overrides = dict(model=spec["model"], data=spec["data"], max_rows=spec["rows"], max_length=spec["max_length"],
                      batch_size=2, epochs=1.0, lr=spec["lr"], precision="bf16", save_steps=0, eval_samples=0,
                      output_dir=str(out), overwrite=True, lora=spec["lora"], logging_steps=1, seed=42,
-                     gradient_checkpointing=spec.get("gc", False))
+                     **({"gradient_checkpointing": True} if spec.get("gc") else {}))
     overrides.update(spec.get("ours_extra", {}))
     cfg = build(overrides)
     import io
@@ -67,7 +67,8 @@ def child_ours(spec: dict) -> dict:
             "first_step_s": times[0], "median_step_s": steps[len(steps) // 2] if steps else times[0],
             "pair_tokens": sum(r["pair_tokens"] for r in train_rows),
             "finite": all(math.isfinite(r["loss"]) for r in train_rows),
-            "losses": [round(r["loss"], 4) for r in train_rows[:4]], **_peak()}
+            "losses": [round(r["loss"], 4) for r in train_rows[:4]], "step_times": times,
+            "all_losses": [r["loss"] for r in train_rows], **_peak()}
 
 
 def child_trl(spec: dict) -> dict:
@@ -90,15 +91,29 @@ def child_trl(spec: dict) -> dict:
                       max_length=spec["max_length"], beta=0.1, learning_rate=spec["lr"], bf16=True,
                       use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to=[],
                       gradient_checkpointing=spec.get("gc", False), seed=42, dataloader_num_workers=0,
-                      disable_tqdm=True, use_liger_kernel=spec.get("liger", False))
+                      disable_tqdm=True, use_liger_kernel=spec.get("liger", False),
+                      **({"optim": spec["trl_optim"]} if spec.get("trl_optim") else {}))
     trainer = ORPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
                           peft_config=peft_config)
+    from transformers import TrainerCallback
+
+    ends, t0 = [], []
+
+    class StepTimes(TrainerCallback):  # wall time at the end of each optimizer step, as orpo's time_s
+        def on_train_begin(self, *a, **k):
+            t0.append(time.time())
+
+        def on_step_end(self, *a, **k):
+            ends.append(round(time.time() - t0[0], 3))
+
+    trainer.add_callback(StepTimes())
     res = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     nan_steps = [i + 1 for i, h in enumerate(h for h in trainer.state.log_history if "loss" in h)
                  if not math.isfinite(h["loss"]) or math.isnan(h.get("nll_loss", 0.0))]
     return {"epoch_s": res.metrics["train_runtime"], "steps": len(losses), "finite": not nan_steps,
-            "first_bad_step": nan_steps[0] if nan_steps else None, "losses": [round(x, 4) for x in losses[:4]], **_peak()}
+            "first_bad_step": nan_steps[0] if nan_steps else None, "losses": [round(x, 4) for x in losses[:4]],
+            "step_times": ends, **_peak()}
 
 
 def dense_step(model_path: str, device: str, lora: bool = False, clip: float | None = None):

@@ -193,6 +193,13 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Where torchao is installed (for --optim), transformers imports it whenever it builds a model, and
+    # it warns about CUDA-only extensions a CPU cannot load (and torch about the enums it registers):
+    # four lines of noise on every run. bitsandbytes does the same on import.
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers
 

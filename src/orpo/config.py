@@ -27,6 +27,11 @@ from .errors import UserError
 FULL_FINETUNE_LR = 5e-6
 LORA_LR = 1e-4
 
+# --optim choices (built in optim.py). The names follow transformers' TrainingArguments.optim.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "galore_adamw")
+# What --low-memory sets, unless the YAML or a flag gives the option itself (see build()).
+LOW_MEMORY = {"optim": "adamw", "bf16_weights": True, "gradient_checkpointing": True}
+
 
 def cache_root() -> Path:
     """Where converted models and tokenized data are cached: $ORPO_CACHE, else ~/.cache/orpo."""
@@ -134,6 +139,31 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.", "optim")
     adam_eps: float = opt(1e-8, "AdamW epsilon.", "optim")
     max_grad_norm: float = opt(1.0, "Clip the gradient to this global norm (0 turns clipping off).", "optim")
+    optim: str = opt(
+        "adamw",
+        "Optimizer: adamw (torch's fused fp32 AdamW, exact); adamw_8bit (bitsandbytes 8-bit states); "
+        "paged_adamw_8bit (the same, paged through CUDA unified memory; CUDA only); adamw_torch_8bit / "
+        "adamw_torch_4bit (torchao 8-/4-bit states); galore_adamw (GaLore low-rank gradient projection, "
+        "galore-torch). Memory and speed of each: README.",
+        "optim",
+        choices=OPTIMIZERS,
+    )
+    galore_rank: int = opt(128, "GaLore: rank of the gradient projection of each weight matrix.", "optim")
+    galore_update_interval: int = opt(200, "GaLore: steps between two SVDs that refresh each projection.", "optim")
+    galore_scale: float = opt(0.25, "GaLore: scale of the projected-back update.", "optim")
+    bf16_weights: bool = opt(
+        False,
+        "Hold the trained weights and their gradients in bf16 (half the memory of fp32) and round each update "
+        "stochastically (torchao's bf16_stochastic_round), so small updates still move the weights on average. "
+        "With --optim adamw, adamw_torch_8bit or adamw_torch_4bit. The saved model is bf16.",
+        "optim",
+    )
+    low_memory: bool = opt(
+        False,
+        "The low-memory recipe: sets " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in LOW_MEMORY.items())
+        + " unless given; the trade-off in numbers: README.",
+        "optim",
+    )
     precision: str = opt(
         "bf16",
         "bf16: autocast matmuls to bfloat16 over fp32 weights (CPU and GPU); fp32: no autocast.",
@@ -339,6 +369,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam betas must be in [0, 1)")
     need(cfg.adam_eps > 0, f"adam_eps must be > 0; got {cfg.adam_eps}")
     need(cfg.max_grad_norm >= 0, f"max_grad_norm must be >= 0; got {cfg.max_grad_norm}")
+    need(cfg.galore_rank >= 1, f"galore_rank must be >= 1; got {cfg.galore_rank}")
+    need(cfg.galore_update_interval >= 1, f"galore_update_interval must be >= 1; got {cfg.galore_update_interval}")
+    need(cfg.galore_scale > 0, f"galore_scale must be > 0; got {cfg.galore_scale}")
+    need(not (cfg.bf16_weights and cfg.load_in_4bit), "--bf16-weights and --load-in-4bit: a 4-bit base is not cast; "
+         "its LoRA adapters are small, train them in fp32")
     need(cfg.lora_r >= 1, f"lora_r must be >= 1; got {cfg.lora_r}")
     need(cfg.lora_alpha > 0, f"lora_alpha must be > 0; got {cfg.lora_alpha}")
     need(0 <= cfg.lora_dropout < 1, f"lora_dropout must be in [0, 1); got {cfg.lora_dropout}")
@@ -408,6 +443,9 @@ def build(overrides: dict | None = None, yaml_path: str | Path | None = None) ->
     if yaml_path is not None:
         values.update(load_yaml(yaml_path))
     values.update(overrides or {})
+    if values.get("low_memory"):  # a recipe: it fills in only what the user did not set
+        for k, v in LOW_MEMORY.items():
+            values.setdefault(k, v)
     names = {f.name for f in fields()}
     for k in values:
         if k not in names:

@@ -53,6 +53,7 @@ from .model import (
     load_tokenizer,
     resolve_model,
 )
+from .optim import check_optimizer, make_optimizer, optimizer_summary
 from .progress import Progress
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "model", "adapter", "summary.json", "samples.jsonl",
@@ -201,19 +202,6 @@ def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str)
     return store, stats.as_dict()
 
 
-def make_optimizer(model, cfg: TrainConfig):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=cfg.resolved_lr(), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    try:
-        return torch.optim.AdamW([g for g in groups if g["params"]], fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
-
-
 class StopRequested:
     """SIGTERM / SIGINT: finish the current step, save, and exit cleanly (a second signal is fatal)."""
 
@@ -316,6 +304,7 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
     trackers = check_trackers(cfg)
     if cfg.load_in_4bit:
         check_4bit()
+    check_optimizer(cfg)
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=multi_cpu,
                               log_with=trackers or None, project_dir=cfg.output_dir if trackers else None,
                               gradient_accumulation_steps=cfg.grad_accum if deepspeed else 1)
@@ -371,7 +360,8 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
     plan = StepPlan(len(train_pairs), cfg.batch_size, cfg.grad_accum, world, data_seed, cfg.epochs, cfg.max_steps)
     total_steps = plan.total_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)  # (--bf16-weights: casts the model to bf16 first)
+    say(optimizer_summary(optimizer, cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
     if deepspeed:
         _configure_deepspeed(accelerator, policy, cfg)
