@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import shutil
 import signal
@@ -451,7 +452,7 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                     idx, weight = step_idx[:1], 0.0
                 batch = collate([train_pairs[i] for i in idx], cfg.prefix_sharing, cfg.packing, cfg.prompt_in_nll, pad_id).to(device)
                 last = m == len(micro) - 1
-                sync = accelerator.no_sync(policy) if (world > 1 and not last and not deepspeed) else _nullcontext()
+                sync = accelerator.no_sync(policy) if (world > 1 and not last and not deepspeed) else nullcontext()
                 with sync:
                     with autocast():
                         logps = policy(batch)
@@ -586,14 +587,6 @@ def _configure_deepspeed(accelerator, policy: PolicyForward, cfg: TrainConfig) -
         for p in (head.weight, head.bias):
             if p is not None:
                 deepspeed.zero.register_external_parameter(policy, p)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _eval_line(row: dict) -> str:
