@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "orpo"
 # module -> orpo modules it may import
 ALLOWED = {
     "errors": set(),
-    "config": {"errors"},
+    "config": {"errors", "config"},
     "data": {"config", "errors", "data"},
     "loss": set(),
     "attention": set(),
