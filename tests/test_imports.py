@@ -29,7 +29,8 @@ ALLOWED = {
     "chat": {"errors", "evaluate", "model"},
     "compare": {"config", "errors", "report", "train"},
     "__main__": {"cli"},
-    "__init__": {"config"},
+    "api": {"config", "train", "evaluate", "export"},
+    "__init__": {"config", "api", "train"},
 }
 
 

@@ -161,9 +161,10 @@ def load_model(
     dtype=None,
     device=None,
     load_in_4bit: bool = False,
+    attn_implementation: str = "auto",
 ):
-    """A causal LM with fp32 (or ``dtype``) weights and SDPA attention; with ``load_in_4bit``, its
-    linear layers in NF4 on the current CUDA device, ready for LoRA (QLoRA)."""
+    """A causal LM with fp32 (or ``dtype``) weights and SDPA attention (or ``attn_implementation``); with
+    ``load_in_4bit``, its linear layers in NF4 on the current CUDA device, ready for LoRA (QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +186,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             str(folder),
             dtype=dtype or torch.float32,
-            attn_implementation="sdpa",
+            attn_implementation="sdpa" if attn_implementation == "auto" else attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
             **extra,
@@ -204,6 +205,16 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def loading_options(cfg) -> dict:
+    """load_model's keyword arguments from --model-dtype and --attn-implementation ("auto": orpo's choice)."""
+    import torch
+
+    out = {"attn_implementation": cfg.attn_implementation}
+    if cfg.model_dtype != "auto":
+        out["dtype"] = getattr(torch, cfg.model_dtype)
+    return out
 
 
 def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device):

@@ -31,6 +31,7 @@ from .data import collate
 from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
 from .data.builtin import builtin_pairs, heldout_pairs, heldout_questions, is_correct
+from .data.chat_templates import set_chat_template
 from .errors import UserError
 from .evaluate import evaluate_pairs, generate
 from .export import write_model_card
@@ -49,6 +50,7 @@ from .model import (
     lean_activations,
     load_model,
     load_tokenizer,
+    loading_options,
     resolve_model,
 )
 from .progress import Progress
@@ -135,7 +137,8 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path:
     out = Path(cfg.output_dir)
     existing = [n for n in RUN_FILES if (out / n).exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
+    inside = cfg.resume_from is not None and out.resolve() in Path(cfg.resume_from).resolve().parents
+    if existing and not (cfg.resume or cfg.overwrite or inside):
         raise UserError(
             f"{out}: already holds a run ({', '.join(existing)}); pass --resume to continue it "
             "or --overwrite to replace it, or choose another --output-dir"
@@ -178,10 +181,12 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     """Read and check every training and eval row; no tokenizer needed, so this runs before any heavy
     work and a bad row fails in seconds."""
     builtin = cfg.data is None
-    train = scan_rows(cfg.data, cfg.max_rows, cfg.shuffle_seed, builtin_pairs(cfg.seed) if builtin else None)
+    columns = cfg.columns
+    train = scan_rows(cfg.data, cfg.max_rows, cfg.shuffle_seed, builtin_pairs(cfg.seed) if builtin else None,
+                      columns=columns)
     evals = None
     if cfg.eval_data is not None:
-        evals = scan_rows(cfg.eval_data, cfg.eval_max_rows)
+        evals = scan_rows(cfg.eval_data, cfg.eval_max_rows, columns=columns)
     elif builtin:
         evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
     for rows in (train, evals):
@@ -193,7 +198,8 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
 def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str) -> tuple[TokenStore | None, dict]:
     if rows is None:
         return None, {}
-    store, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    store, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, num_proc=cfg.dataset_num_proc,
+                                 max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
     check_usable(rows.name, store, stats, cfg.strict)
     say(f"{tag}: {report_line(rows.name, stats)}")
     return store, stats.as_dict()
@@ -275,6 +281,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 @dataclass
 class RunResult:
+    """What a run left behind: ``orpo.train`` returns it and the CLI prints from it."""
+
     output_dir: Path
     steps: int
     final_metrics: dict
@@ -282,6 +290,7 @@ class RunResult:
     answer_accuracy: tuple[float, float] | None
     model_dir: Path
     is_main: bool = True
+    stopped: bool = False  # by a signal, after saving a checkpoint; the run can be resumed
 
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
@@ -330,11 +339,13 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
     train_rows, eval_rows = read_data(cfg)
     folder = resolve_model(cfg.model, quiet=not is_main)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
+    set_chat_template(tokenizer, cfg.chat_template, say)
     with accelerator.main_process_first():  # the others then read the main process's token cache
         train_pairs, train_counts = tokenize_data(cfg, tokenizer, train_rows, say, "train")
         eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval")
     data_counts = {"train": train_counts, **({"eval": eval_counts} if eval_counts else {})}
-    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit)
+    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit,
+                       **loading_options(cfg))
     if cfg.liger:
         apply_liger(model)
     if cfg.gradient_checkpointing:
@@ -364,9 +375,9 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
 
     # --- resume ---------------------------------------------------------------------------------
     start_step, bad_streak, elapsed_before = 0, 0, 0.0
-    found = ckpt.list_checkpoints(ckpt_dir)
-    if cfg.resume and found:
-        step_done, path = found[-1]
+    point = ckpt.resume_point(ckpt_dir, cfg.resume, cfg.resume_from)
+    if point:
+        step_done, path = point
         saved = json.loads((path / "state.json").read_text())
         if saved.get("fingerprint") != cfg.fingerprint(saved.get("config")):
             diff = cfg.trajectory_changes(saved.get("config", {}))
@@ -386,6 +397,8 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             group["lr"] = base * factor
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if is_main:
+            if cfg.resume_from:
+                ckpt.carry_metrics(path, metrics_path)
             _truncate_metrics(metrics_path, start_step)
         say(f"resumed from {path} (step {start_step} of {total_steps})")
     elif cfg.resume:
@@ -532,9 +545,10 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
                 break
 
     if stopped_early:
-        cmd = " ".join(["orpo", "train", *(argv_for_resume or [f"--output-dir {out}"]), "--resume"])
+        cmd = " ".join(argv_for_resume or ["orpo", "train", str(out / "config.yaml"), "--resume"])
         say(f"stopped by signal after step {step}; checkpoint saved. Resume with:\n  {cmd}")
-        raise SystemExit(0 if stop.flag else 1)
+        accelerator.end_training()
+        return RunResult(out, step, last_row, eval_last, None, out / "model", is_main, stopped=True)
 
     # --- the end: final eval, model, summary -----------------------------------------------------
     _save(ckpt_dir, step, policy, accelerator, optimizer, scheduler, cfg, bad_streak, time.time() - t0, is_main, rank)

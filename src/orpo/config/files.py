@@ -122,7 +122,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(cfg.max_completion_length >= 1, f"max_completion_length must be >= 1; got {cfg.max_completion_length}")
     if cfg.dataset_num_proc is not None:
         need(cfg.dataset_num_proc >= 1, f"dataset_num_proc must be >= 1; got {cfg.dataset_num_proc}")
-    need(not (cfg.resume_from and cfg.overwrite), "--resume-from and --overwrite contradict each other; pick one")
     need(cfg.beta >= 0, f"beta must be >= 0 (0 is plain SFT on the chosen answers); got {cfg.beta}")
     need(cfg.max_length >= 8, f"max_length must be at least 8 tokens; got {cfg.max_length}")
     if cfg.max_prompt_length is not None:
@@ -224,3 +223,12 @@ def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
     # work, and feeding the file back must never delete the run it describes.
     data.update(overwrite=False, resume=False, resume_from=None)
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def with_changes(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """``dataclasses.replace`` that also reads TRL's names (one line each), checked."""
+    names = [f.name for f in fields()]
+    values, notes = translate(changes, names, "changes")
+    for note in notes:
+        print(f"orpo: {note}", file=sys.stderr)
+    return validate(dataclasses.replace(cfg, **values))

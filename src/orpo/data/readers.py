@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from ..config import suggest
+from ..config import is_in_memory, suggest
 from ..errors import UserError
+from .memory import iter_memory, source_name
 
 Messages = list[dict]
 Text = Union[str, Messages]
@@ -221,7 +222,10 @@ def _read_hub(name: str) -> Iterator[tuple[str, Any]]:
 
 
 def read_raw(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, row)`` for every row of a supported file or folder, or a hub dataset name."""
+    """Yield ``(where, row)`` for every row of a supported file or folder, a hub dataset name, or rows
+    held in memory (Python only)."""
+    if is_in_memory(path) and not isinstance(path, Path):
+        return iter_memory(path)
     p = Path(path)
     if not p.exists():
         if HUB_NAME.match(str(path)) and not str(path).lower().endswith(DATA_SUFFIXES):
@@ -313,6 +317,25 @@ def _has_text(messages: Messages) -> bool:
     return any(m["content"].strip() for m in messages)
 
 
+def rename_columns(row: Any, columns: dict[str, str] | None) -> Any:
+    """--columns: take prompt/chosen/rejected from the keys the data uses for them."""
+    if not columns or not isinstance(row, dict):
+        return row
+    out = {k: v for k, v in row.items() if k not in FIELDS}
+    for ours in FIELDS:
+        theirs = columns.get(ours, ours)
+        if theirs in row:
+            out[ours] = row[theirs]
+    return out
+
+
+def _missing(where: str, need: str, keys: list[str]) -> UserError:
+    found = ", ".join(f"'{k}'" for k in keys) or "none"
+    return UserError(f"{where}: missing field '{need}'{suggest(need, [k for k in keys if k not in FIELDS])}; the row's "
+                     f"keys are {found}; map other names with --columns (e.g. --columns prompt=KEY,chosen=KEY,"
+                     "rejected=KEY)")
+
+
 def normalize_row(row: Any, where: str) -> Pair:
     """Check one raw row and return it as a :class:`Pair`; raise UserError or SkipRow."""
     if not isinstance(row, dict):
@@ -320,7 +343,7 @@ def normalize_row(row: Any, where: str) -> Pair:
     keys = [str(k) for k in row]
     for need in ("chosen", "rejected"):
         if need not in row or row[need] is None:
-            raise UserError(f"{where}: missing field '{need}'{suggest(need, [k for k in keys if k not in FIELDS])}")
+            raise _missing(where, need, keys)
     chosen, rejected = row["chosen"], row["rejected"]
     prompt = row.get("prompt")
 
@@ -337,7 +360,8 @@ def normalize_row(row: Any, where: str) -> Pair:
             hint = suggest("prompt", [k for k in keys if k not in FIELDS])
             raise UserError(
                 f"{where}: missing field 'prompt'{hint}; plain-string pairs need an explicit prompt "
-                "(only chat-message conversations can share an implicit one)"
+                "(only chat-message conversations can share an implicit one); the row's keys are "
+                f"{', '.join(repr(k) for k in keys)}; map other names with --columns prompt=KEY"
             )
         c = _as_messages(chosen, where, "chosen", "assistant")
         r = _as_messages(rejected, where, "rejected", "assistant")
@@ -399,16 +423,18 @@ def normalize_row(row: Any, where: str) -> Pair:
     return Pair(p, c, r, where)
 
 
-def iter_pairs(path: str | Path, max_rows: int | None = None) -> Iterator[tuple[int, str, Pair | None, str | None]]:
+def iter_pairs(path: str | Path, max_rows: int | None = None,
+               columns: dict[str, str] | None = None) -> Iterator[tuple[int, str, Pair | None, str | None]]:
     """Stream ``(row index, where, pair or None, skip reason or None)`` over the first ``max_rows``
-    rows, raising UserError at the first fatal one."""
+    rows, raising UserError at the first fatal one. ``columns`` maps prompt/chosen/rejected to the
+    data's own keys."""
     conversational = None
     n = 0
     for where, row in read_raw(path):
         if max_rows is not None and n >= max_rows:
             break
         try:
-            pair = normalize_row(row, where)
+            pair = normalize_row(rename_columns(row, columns), where)
         except SkipRow as s:
             yield n, where, None, s.reason
             n += 1
@@ -420,15 +446,16 @@ def iter_pairs(path: str | Path, max_rows: int | None = None) -> Iterator[tuple[
         yield n, where, pair, None
         n += 1
     if n == 0:
-        raise UserError(f"{path}: no rows (the file is empty)")
+        raise UserError(f"{source_name(path)}: no rows (the {'data' if is_in_memory(path) else 'file'} is empty)")
 
 
-def load_pairs(path: str | Path, max_rows: int | None = None) -> tuple[list[Pair], Skips, int]:
+def load_pairs(path: str | Path, max_rows: int | None = None,
+               columns: dict[str, str] | None = None) -> tuple[list[Pair], Skips, int]:
     """Read, validate and normalise every row into memory. Returns (pairs, skips, rows read)."""
     pairs: list[Pair] = []
     skips = Skips()
     n_read = 0
-    for _, where, pair, reason in iter_pairs(path, max_rows):
+    for _, where, pair, reason in iter_pairs(path, max_rows, columns):
         n_read += 1
         if pair is None:
             skips.add(reason, where)
