@@ -75,7 +75,8 @@ def _all_options(parser: argparse.ArgumentParser) -> list[str]:
     """Long options of a parser and of all its subcommands."""
     out = []
     for a in parser._actions:
-        out += [o for o in a.option_strings if o.startswith("--")]
+        if a.help != argparse.SUPPRESS:  # old names kept working are not suggested
+            out += [o for o in a.option_strings if o.startswith("--")]
         if isinstance(a, argparse._SubParsersAction):
             for sub in a.choices.values():
                 out += _all_options(sub)
