@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from .config import cache_root
@@ -366,7 +367,9 @@ def add_lora(model, r: int, alpha: int, dropout: float, target: str):
     targets = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing (a stderr line)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return get_peft_model(model, cfg)
     except ValueError as e:
         raise UserError(f"--lora-target {target!r}: {e}") from None
 
