@@ -137,3 +137,22 @@ def test_import_orpo_stays_light_and_names_are_functions():
     code = "import sys, orpo; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_in_memory_data_is_recorded_by_its_content():
+    import datasets
+
+    rows = PLAIN_ROWS * 2
+    a = orpo.TrainConfig(data=rows)
+    assert a.fingerprint() == orpo.TrainConfig(data=[dict(r) for r in rows]).fingerprint()
+    changed = [dict(r) for r in rows]
+    changed[0]["chosen"] = " Marseille."
+    assert a.fingerprint() != orpo.TrainConfig(data=changed).fingerprint()
+    label = orpo.TrainConfig(data=datasets.Dataset.from_list(rows)).to_dict()["data"]
+    assert label.startswith("in-memory Dataset (8 rows, ")
+    with pytest.raises(orpo.errors.UserError, match="data must be a path, a datasets.Dataset"):
+        orpo.train(orpo.TrainConfig(data=42))
+    with pytest.raises(orpo.errors.UserError, match="a dict is not a list of rows"):
+        from orpo.data.readers import load_pairs
+
+        load_pairs({"prompt": "a", "chosen": "b", "rejected": "c"})
