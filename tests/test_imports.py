@@ -1,6 +1,7 @@
 """Imports point one way: config <- data, model, loss, attention <- forward <- checkpoint, evaluate <- train <- cli.
 
-report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli."""
+report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli;
+config, train, evaluate, export <- api <- __init__ (the public API; heavy modules imported on first call)."""
 
 import ast
 from pathlib import Path

@@ -306,7 +306,8 @@ def _add_tool_parsers(sub) -> None:
                        "drops, and pairs rendered exactly as the model sees them, with the prompt/completion boundary "
                        "and the loss mask marked. Loads only the tokenizer.")
     d.add_argument("--data", dest="data", required=True, help="pairs (any supported format)")
-    add_config_flags(d, only={"model", "max_length", "max_prompt_length", "max_rows", "prompt_in_nll", "trust_remote_code"})
+    add_config_flags(d, only={"model", "max_length", "max_prompt_length", "max_rows", "prompt_in_nll", "trust_remote_code",
+                              "columns", "chat_template"})
     d.add_argument("--examples", type=int, default=2, help="pairs to render [default: 2]")
     d.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour the rendering (auto: on a terminal, unless NO_COLOR is set) [default: auto]")
