@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 import os
 import shutil
 import signal
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,12 +181,11 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     """Read and check every training and eval row; no tokenizer needed, so this runs before any heavy
     work and a bad row fails in seconds."""
     builtin = cfg.data is None
-    columns = cfg.columns
     train = scan_rows(cfg.data, cfg.max_rows, cfg.shuffle_seed, builtin_pairs(cfg.seed) if builtin else None,
-                      columns=columns)
+                      columns=cfg.columns)
     evals = None
     if cfg.eval_data is not None:
-        evals = scan_rows(cfg.eval_data, cfg.eval_max_rows, columns=columns)
+        evals = scan_rows(cfg.eval_data, cfg.eval_max_rows, columns=cfg.columns)
     elif builtin:
         evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label="built-in held-out set")
     for rows in (train, evals):
