@@ -243,9 +243,21 @@ class TrainConfig:
         return LORA_LR if self.lora else FULL_FINETUNE_LR
 
     def to_dict(self) -> dict:
-        """Plain values; in-memory data (Python only) becomes a label with its content hash."""
-        return {f.name: (memory_label(v) if f.name in ("data", "eval_data") and is_in_memory(v) else copy.deepcopy(v))
-                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        """Plain values; in-memory data (Python only) becomes a label with its content hash, computed once
+        per config object (hashing 100k rows takes seconds, and every checkpoint records the config;
+        ``orpo.train`` works on its own copy of the config, so a later run sees edited rows afresh)."""
+        labels = self.__dict__.setdefault("_memory_labels", {})
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("data", "eval_data") and is_in_memory(v):
+                key = (f.name, id(v))
+                if key not in labels:
+                    labels[key] = memory_label(v)
+                out[f.name] = labels[key]
+            else:
+                out[f.name] = copy.deepcopy(v)
+        return out
 
     def fingerprint(self, saved: dict | None = None) -> str:
         """Hash of what determines the training trajectory (not where or how often it is logged). Given
