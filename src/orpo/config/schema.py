@@ -287,11 +287,9 @@ _dataclass_init = TrainConfig.__init__
 def _init(self, *args, **kwargs):
     """TrainConfig(...) also takes TRL's keyword names (learning_rate=..., bf16=...), each read with one
     line saying so; unknown keywords are one error naming them all."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    if any(k not in names for k in kwargs):
-        kwargs, notes = translate(kwargs, names, "TrainConfig()")
-        for note in notes:
-            print(f"orpo: {note}", file=sys.stderr)
+    kwargs, notes = translate(kwargs, [f.name for f in dataclasses.fields(TrainConfig)], "TrainConfig()")
+    for note in notes:
+        print(f"orpo: {note}", file=sys.stderr)
     _dataclass_init(self, *args, **kwargs)
 
 
