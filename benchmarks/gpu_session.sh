@@ -29,18 +29,19 @@ elif [ "$part" = E ]; then
   $B --data .gpu/hh64.jsonl.gz --rows 64 --max-length 1024 --tools ours,ours-nolean,ours,ours-nolean --json "$OUT/E_lean.json" 2>&1 | tee "$OUT/E_lean.txt"
 elif [ "$part" = C ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_train.py -k qlora 2>&1 | grep -E "passed|failed|error|Error" | tail -5 | tee "$OUT/C_qlora_test.txt"
-  T="python3 -m orpo train --model /tmp/smol --data .gpu/hh64.jsonl.gz --output-dir /tmp/q --load-in-4bit --lora --batch-size 4 --save-steps 4 --eval-samples 0 --logging-steps 1"
+  T="python3 -m orpo train --model /tmp/smol --data .gpu/hh64.jsonl.gz --output-dir /tmp/q --load-in-4bit --lora --lr 1e-4 --max-length 1024 --batch-size 4 --save-steps 4 --eval-samples 0 --logging-steps 1"
   { $T --max-steps 8 && $T --max-steps 12 --resume && ls /tmp/q /tmp/q/model && cut -c1-150 /tmp/q/metrics.jsonl \
-    && python3 -m orpo eval --model /tmp/q/model --data .gpu/uf32.jsonl.gz --max-rows 16 | tail -1 \
-    && python3 -m orpo export /tmp/q --merge --output /tmp/q_merged && ls -la /tmp/q_merged \
+    && python3 -m orpo eval --model /tmp/q/model --data .gpu/uf32.jsonl.gz --eval-max-rows 16 | tail -1 \
+    && python3 -m orpo export /tmp/q --merge --output-dir /tmp/q_merged && ls -la /tmp/q_merged \
     && python3 -c "import torch,transformers as t;m=t.AutoModelForCausalLM.from_pretrained('/tmp/q_merged');x=torch.tensor([[1,2,3,4]]);print('merged logits finite', bool(m(x).logits.isfinite().all()), 'quantized', getattr(m,'is_quantized',False))"
   } 2>&1 | grep -v "Warn\|warn" | tail -40 | tee "$OUT/C_qlora_run.txt"
   nvidia-smi --query-gpu=name,memory.used --format=csv | tee -a "$OUT/C_qlora_run.txt"
 elif [ "$part" = D ]; then
   python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee "$OUT/D_deepspeed.txt"
-  A="--data .gpu/hh64.jsonl.gz --precision bf16 --batch-size 2 --grad-accum 2 --eval-samples 0 --logging-steps 1 --lr 1e-5 --seed 7"
+  # flags alone start from the default job (LoRA, max length 256): name what differs from it
+  A="--data .gpu/hh64.jsonl.gz --precision bf16 --batch-size 2 --grad-accum 2 --eval-samples 0 --logging-steps 1 --lr 1e-5 --seed 7 --max-length 1024"
   for z in ${ZSTAGES:-2 3}; do
-    extra=""; [ $z = 3 ] && extra="--lora --lr 1e-4"
+    extra="--no-lora"; [ $z = 3 ] && extra="--lora --lr 1e-4"
     L="accelerate launch --config_file configs/accelerate/deepspeed-zero$z.yaml --num_processes 1 -m orpo train --model /tmp/smol $A $extra --output-dir /tmp/z$z"
     { echo "== ZeRO-$z $extra"; $L --max-steps 4 --save-steps 2 && $L --max-steps 6 --save-steps 2 --resume && ls /tmp/z$z /tmp/z$z/checkpoints /tmp/z$z/model \
       && python3 -m orpo train --model /tmp/smol $A $extra --max-steps 6 --save-steps 0 --output-dir /tmp/p$z \
@@ -55,8 +56,10 @@ PY
 else
   { accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 -m orpo train --model /tmp/smol \
       --data .gpu/hh64.jsonl.gz --max-steps 6 --save-steps 3 --output-dir /tmp/fsdp --batch-size 4 --eval-samples 0 \
+      --no-lora --lr 5e-6 --max-length 1024 \
     && accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 -m orpo train --model /tmp/smol \
       --data .gpu/hh64.jsonl.gz --max-steps 8 --save-steps 3 --output-dir /tmp/fsdp --batch-size 4 --eval-samples 0 --resume \
+      --no-lora --lr 5e-6 --max-length 1024 \
     && ls /tmp/fsdp/checkpoints /tmp/fsdp/model && cut -c1-120 /tmp/fsdp/metrics.jsonl; } 2>&1 | grep -v "Warn\|warn" | tail -25 | tee "$OUT/B_fsdp.txt"
   timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_train.py -k qlora 2>&1 | grep -E "passed|failed|error|Error" | tail -5 | tee "$OUT/B_qlora.txt"
   python3 benchmarks/make_random_model.py .gpu/smollm2 /tmp/llama1b --size 1b

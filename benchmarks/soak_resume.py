@@ -47,7 +47,8 @@ def main() -> None:
         data = write_jsonl(d / "data.jsonl", CONV_ROWS * 8)
         common = [sys.executable, "-m", "orpo", "train", "--model", str(d / "model"), "--data", str(data),
                   "--precision", "fp32", "--max-steps", str(args.steps), "--save-steps", "25", "--batch-size", "2",
-                  "--lr", "1e-3", "--scheduler", "cosine", "--eval-samples", "0", "--logging-steps", "5"]
+                  "--lr", "1e-3", "--scheduler", "cosine", "--eval-samples", "0", "--logging-steps", "5",
+                  "--no-lora", "--max-length", "1024"]  # the job as recorded (flags alone start from the default job)
         t = time.time()
         subprocess.run(common + ["--output-dir", str(d / "ref")], env=env, check=True, capture_output=True)
         print(f"uninterrupted run: {time.time() - t:.0f}s", flush=True)

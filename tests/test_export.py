@@ -130,7 +130,7 @@ def test_gguf_metadata(tmp_path, chatml_tokenizer, tiny_model_dir):
 
 def test_wrong_rope_permutation_is_caught(tmp_path, chatml_tokenizer, tiny_model_dir, monkeypatch):
     """The verification is sharp enough to see a GGUF written without llama.cpp's Q/K row order."""
-    monkeypatch.setattr(X, "_rope_rows_to_gguf", lambda w, n: w)
+    monkeypatch.setattr(X.gguf, "_rope_rows_to_gguf", lambda w, n: w)
     res = X.export(tiny_model_dir, tmp_path / "out", merge=False, gguf=True, gguf_type="f32", say=lambda *a: None)
     v = X.verify_gguf(res.gguf, X.load_model(tiny_model_dir), chatml_tokenizer)
     assert v["max_abs_diff"] > 1e-2
@@ -182,7 +182,7 @@ def test_model_card(lora_run, tmp_path):
     assert str(json.loads((lora_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]) in card
     assert "plain.jsonl" in card and "| train |" in card  # data and its counts
     assert "| beta | 0.1 |" in card and "| lr | 0.01 |" in card and "| lora_r | 4 |" in card
-    assert "| precision | fp32 |" in card and "| max_length | 1024 |" in card
+    assert "| precision | fp32 |" in card and "| max_length | 256 |" in card  # flags alone: the default job's 256
     assert f"| loss | {summary['final']['loss']:.4g} |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
 

@@ -141,7 +141,8 @@ def test_bad_data_is_one_line_error(tmp_path, tiny_model_dir, capsys):
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n')
     rc = run_cli(["--model", tiny_model_dir, "--data", bad, "--output-dir", tmp_path / "o"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.strip() == f"orpo: error: {bad}:2: missing field 'chosen'"
+    assert rc == 2 and err.strip() == (f"orpo: error: {bad}:2: missing field 'chosen'; the row's keys are 'prompt'; "
+                                       "map other names with --columns (e.g. --columns prompt=KEY,chosen=KEY,rejected=KEY)")
 
 
 def test_help_documents_every_option(capsys):
@@ -199,7 +200,8 @@ def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir, plain_fil
     rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--load-in-4bit", "--lora"])
     err = capsys.readouterr().err
     assert rc == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
-    rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--load-in-4bit"])
+    rc = run_cli(["--model", tiny_model_dir, "--data", plain_file, "--output-dir", tmp_path / "o", "--load-in-4bit",
+                  "--no-lora"])
     assert rc == 2 and "add --lora" in capsys.readouterr().err
 
 

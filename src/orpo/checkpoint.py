@@ -275,3 +275,28 @@ def load_sharded_checkpoint(path: Path, accelerator, scheduler) -> dict:
     accelerator.load_state(str(path))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return state
+
+
+def resume_point(ckpt_dir: Path, resume: bool, resume_from: str | None) -> tuple[int, Path] | None:
+    """The checkpoint a run continues from: ``--resume-from PATH`` (a checkpoint folder, or a run folder,
+    whose latest checkpoint is taken), else with ``--resume`` the latest one in ``ckpt_dir``, else none."""
+    if resume_from:
+        p = Path(resume_from).expanduser()
+        if (p / "state.json").is_file():
+            m = STEP_DIR.match(p.name)
+            step = int(m.group(1)) if m else int(json.loads((p / "state.json").read_text()).get("step", 0))
+            return step, p
+        found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
+        if found:
+            return found[-1]
+        raise UserError(f"--resume-from {p}: not a checkpoint folder (no state.json) nor a run folder with checkpoints")
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if resume and found else None
+
+
+def carry_metrics(checkpoint: Path, metrics_path: Path) -> None:
+    """--resume-from a checkpoint of another run folder: start this run's metrics.jsonl with that run's rows
+    (the caller then drops those after the checkpoint's step), so the curves are whole."""
+    source = checkpoint.parent.parent / "metrics.jsonl"
+    if source.is_file() and source.resolve() != metrics_path.resolve():
+        metrics_path.write_bytes(source.read_bytes())

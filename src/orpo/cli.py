@@ -2,7 +2,8 @@
 
 Every ``TrainConfig`` field is a flag (``max_length`` -> ``--max-length``; booleans also have
 ``--no-...``). ``orpo train config.yaml --flag value`` applies defaults, then the YAML, then the flags.
-``orpo train`` with no arguments at all runs the default job (``recipes/default.yaml`` in the package).
+``orpo train`` without a YAML file runs the default job (``recipes/default.yaml`` in the package) with the
+flags given changed, so ``orpo train --max-steps 20`` is the default job in 20 steps.
 A user mistake prints one line on stderr and exits with status 2; no traceback.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import difflib
 import json
 import os
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -29,24 +31,52 @@ GROUPS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that suggests the closest flag for a typo and exits with one line."""
+    """argparse that exits with one line."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        if "unrecognized arguments:" in message:
-            bad = message.split("unrecognized arguments:", 1)[1].split()
-            flag = next((b for b in bad if b.startswith("-")), bad[0] if bad else "")
-            options = _all_options(self)
-            close = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            message = f"unknown option {flag}{hint}"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _unknown(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser | None, extra: list[str]) -> None:
+    """Every unknown flag at once, each with the closest flag of its own command, or the orpo flag for a TRL
+    name (--learning-rate is --lr)."""
+    options = _all_options(sub or parser)
+    parts = []
+    for arg in extra:
+        if not arg.startswith("-"):
+            if not parts:  # a value after an unknown flag belongs to it
+                parts.append(f"unexpected argument {arg!r}")
+            continue
+        flag = arg.split("=")[0]
+        name = flag.lstrip("-").replace("-", "_")
+        target = _trl_target(name)
+        if target and _flag(target) in options:
+            hint = f" (TRL's {name} is {_flag(target)} in orpo)"
+        else:
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        parts.append(f"unknown option {flag}{hint}")
+    prog = sub.prog if sub is not None else parser.prog
+    parser.exit(2, f"{prog}: error: {'; '.join(parts)}\n")
+
+
+def _trl_target(name: str) -> str | None:
+    """The orpo option a TRL name sets directly (learning_rate -> lr), if there is exactly one."""
+    if name not in C.TRL_ALIASES:
+        return None
+    try:
+        mapped = C.TRL_ALIASES[name]("x")
+    except UserError:
+        return None
+    return next(iter(mapped)) if len(mapped) == 1 else None
+
+
 def _all_options(parser: argparse.ArgumentParser) -> list[str]:
-    """Long options of a parser and of all its subcommands (unknown flags surface at the top level)."""
+    """Long options of a parser and of all its subcommands."""
     out = []
     for a in parser._actions:
-        out += [o for o in a.option_strings if o.startswith("--")]
+        if a.help != argparse.SUPPRESS:  # old names kept working are not suggested
+            out += [o for o in a.option_strings if o.startswith("--")]
         if isinstance(a, argparse._SubParsersAction):
             for sub in a.choices.values():
                 out += _all_options(sub)
@@ -93,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         allow_abbrev=False,
         help="train a model with ORPO",
-        description="Train with ORPO. With no arguments at all, runs the default job: SmolLM2-135M-Instruct, "
-        "LoRA, bf16, on the built-in dataset, in a few minutes on a laptop CPU.",
+        description="Train with ORPO. Without a YAML file it runs the default job (SmolLM2-135M-Instruct, LoRA, "
+        "lr 2e-4, batch 8, max length 256, bf16, on the built-in dataset, a few minutes on a laptop CPU) with the "
+        "flags given changed; with a YAML file, the file's values over the defaults listed here, then the flags.",
     )
     t.add_argument("config", nargs="?", help="YAML config file; flags given after it override its values")
     add_config_flags(t)
@@ -106,11 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute eval_ metrics (accuracy, log-probs, log-odds ratio, NLL) of a model on held-out pairs. "
         "The JSON object is the last line of stdout.",
     )
-    add_config_flags(e, only={"model", "max_length", "max_prompt_length", "beta", "batch_size", "precision",
-                              "prompt_in_nll", "trust_remote_code", "allow_pickle", "strict", "prefix_sharing",
-                              "packing", "attention"})
-    e.add_argument("--data", dest="data", required=True, help="held-out pairs (any supported format)")
-    e.add_argument("--max-rows", dest="eval_max_rows", default=argparse.SUPPRESS, help="use only the first N rows")
+    add_config_flags(e, only=EVAL_OPTIONS)
+    e.add_argument("--data", "--eval-data", dest="data", required=True,
+                   help="held-out pairs (any supported format); --eval-data is the same flag, as train names it")
+    e.add_argument("--max-rows", dest="eval_max_rows", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
 
     # --- orpo export ------------------------------------------------------------------------------
     x = sub.add_parser(
@@ -126,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gguf", action="store_true", help="write <name>-<type>.gguf")
     x.add_argument("--gguf-type", dest="gguf_type", choices=("f16", "bf16", "f32"), default="f16",
                    help="tensor type of the GGUF's weight matrices (norms stay f32) [default: f16]")
-    x.add_argument("--output", dest="output", default=None, help="output folder [default: SRC/export]")
+    x.add_argument("--output-dir", "--output", dest="output", default=None, help="output folder [default: SRC/export]")
     x.add_argument("--verify", action="store_true",
                    help="load the GGUF back with transformers and compare logits and tokenization with the model")
     _add_tool_parsers(sub)
@@ -146,18 +176,34 @@ def default_job_path() -> Path:
     return Path(str(resources.files("orpo") / "recipes" / "default.yaml"))
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """The command's arguments without those that only make sense once (--overwrite, --resume, --resume-from)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--overwrite", "--no-overwrite", "--resume", "--no-resume") or a.startswith("--resume-from="):
+            continue
+        elif a == "--resume-from":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
     from .train import train
 
     overrides = _typed(ns)
     yaml_path = ns.config
-    if not argv:
+    if yaml_path is None:
+        # Flags change the default job; they never fall back to another set of defaults.
         yaml_path = default_job_path()
-        print(f"orpo: no arguments, so running the default job ({yaml_path})", flush=True)
+        said = "no arguments, so running the default job" if not argv else "starting from the default job"
+        print(f"orpo: {said} ({yaml_path})", flush=True)
     cfg = C.build(overrides, yaml_path)
-    # (the default job resumes through its recipe; resume_command adds --no-overwrite to its overwrite: true)
-    result = train(cfg, argv_for_resume=[a for a in argv if a not in ("--overwrite", "--resume")] or ([str(yaml_path)] if yaml_path else None))
-    if not result.is_main:
+    result = train(cfg, argv_for_resume=[shlex.quote(a) for a in ["orpo", "train", *resume_argv(argv), "--resume"]])
+    if not result.is_main or result.stopped:
         return 0
     print(f"\nmetrics: {result.output_dir / 'metrics.jsonl'}")
     print(f"model:   {result.model_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
@@ -219,7 +265,10 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        _unknown(parser, subs.get(ns.command), extra)
     if ns.command is None:
         parser.print_help()
         return 0
@@ -265,7 +314,8 @@ def _add_tool_parsers(sub) -> None:
                        "drops, and pairs rendered exactly as the model sees them, with the prompt/completion boundary "
                        "and the loss mask marked. Loads only the tokenizer.")
     d.add_argument("--data", dest="data", required=True, help="pairs (any supported format)")
-    add_config_flags(d, only={"model", "max_length", "max_prompt_length", "max_rows", "prompt_in_nll", "trust_remote_code"})
+    add_config_flags(d, only={"model", "max_length", "max_prompt_length", "max_rows", "prompt_in_nll", "trust_remote_code",
+                              "columns", "chat_template"})
     d.add_argument("--examples", type=int, default=2, help="pairs to render [default: 2]")
     d.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour the rendering (auto: on a terminal, unless NO_COLOR is set) [default: auto]")
@@ -370,6 +420,12 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     print(f"\nfigure:  {result['figure']}\nnumbers: {Path(out) / 'compare.json'}")
     return 0
 
+
+# The options of `orpo eval`: what decides which tokens are scored and how the model is loaded and run.
+EVAL_OPTIONS = {"model", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "beta",
+                "batch_size", "precision", "prompt_in_nll", "trust_remote_code", "allow_pickle", "strict",
+                "prefix_sharing", "packing", "attention", "logits_chunk", "eval_max_rows", "columns", "chat_template",
+                "dataset_num_proc", "model_dtype", "attn_implementation"}
 
 # Every command but train (which also needs its argv, to print the command that resumes it).
 COMMANDS = {"eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data,

@@ -211,19 +211,23 @@ def evaluate_model(cfg) -> dict:
     """``orpo eval``: the eval_ metrics of ``cfg.model`` on ``cfg.eval_data`` (a TrainConfig)."""
     import sys
 
+    from .data.chat_templates import set_chat_template
     from .data.prepare import prepare_pairs
     from .forward import PolicyForward
-    from .model import disable_dropout, load_model, load_tokenizer, resolve_model
+    from .model import disable_dropout, load_model, load_tokenizer, loading_options, resolve_model
     from .support import choose_paths
 
     folder = resolve_model(cfg.model)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
+    set_chat_template(tokenizer, cfg.chat_template, say=lambda m: print(m, file=sys.stderr, flush=True))
     pairs, stats, report = prepare_pairs(
-        cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.eval_max_rows, cfg.strict
+        cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.eval_max_rows, cfg.strict,
+        columns=cfg.columns, num_proc=cfg.dataset_num_proc, max_completion_length=cfg.max_completion_length,
+        truncation_mode=cfg.truncation_mode,
     )
     print(report, file=sys.stderr, flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, device=device)
+    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, device=device, **loading_options(cfg))
     disable_dropout(model)
     paths = choose_paths(model, cfg, device, lambda msg: print(msg, file=sys.stderr, flush=True))
     policy = PolicyForward(model, paths, cfg.logits_chunk)

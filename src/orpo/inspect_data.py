@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import column_map
 from .data.readers import load_pairs, read_raw
 from .data.templates import TokenizedPair, TokenStats, end_token_ids, tokenize_pairs
 from .errors import UserError
@@ -86,8 +87,9 @@ def inspect_data(
     max_prompt_length: int | None = None,
     max_rows: int | None = None,
     n_examples: int = 2,
+    columns: str | dict | None = None,
 ) -> DataInspection:
-    pairs, skips, n_read = load_pairs(source, max_rows)
+    pairs, skips, n_read = load_pairs(source, max_rows, column_map(columns))
     fmt = describe_format(source, pairs)
     # Full lengths: the same tokenization with no length limit.
     full_stats = TokenStats()
@@ -248,11 +250,14 @@ def inspect_command(cfg, source: str, n_examples: int = 2, color: str = "auto", 
     """``orpo data``: load the tokenizer of ``cfg.model`` (no weights) and inspect ``source``."""
     import json
 
+    from .data.chat_templates import set_chat_template
     from .model import load_tokenizer, resolve_model
 
     folder = resolve_model(cfg.model)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
-    info = inspect_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_rows, n_examples)
+    set_chat_template(tokenizer, cfg.chat_template, say=lambda m: None)
+    info = inspect_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_rows, n_examples,
+                        cfg.columns)
     text = render_report(info, tokenizer, cfg.prompt_in_nll, use_color(color))
     if as_json:
         text += "\n" + json.dumps(info.as_dict())

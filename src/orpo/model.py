@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from .config import cache_root
@@ -162,10 +163,10 @@ def load_model(
     dtype=None,
     device=None,
     load_in_4bit: bool = False,
-    attn_implementation: str | None = None,
+    attn_implementation: str = "auto",
 ):
     """A causal LM with fp32 (or ``dtype``) weights and SDPA attention (eager where the model has no SDPA
-    path, or ``attn_implementation``); with ``load_in_4bit``, its linear layers in NF4 on the current
+    path; or ``attn_implementation``); with ``load_in_4bit``, its linear layers in NF4 on the current
     CUDA device, ready for LoRA (QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -189,10 +190,10 @@ def load_model(
                              **extra)
     try:
         try:
-            model = load(attn_implementation=attn_implementation or "sdpa")
+            model = load(attn_implementation="sdpa" if attn_implementation in (None, "auto") else attn_implementation)
         except ValueError as e:
             # Gemma-2, BLOOM, gpt-oss: transformers has no SDPA path for them; their own (eager) one is exact
-            if attn_implementation or "scaled_dot_product_attention" not in str(e):
+            if attn_implementation not in (None, "auto") or "scaled_dot_product_attention" not in str(e):
                 raise
             model = load(attn_implementation="eager")
     except ValueError as e:
@@ -209,6 +210,16 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def loading_options(cfg) -> dict:
+    """load_model's keyword arguments from --model-dtype and --attn-implementation ("auto": orpo's choice)."""
+    import torch
+
+    out = {"attn_implementation": cfg.attn_implementation}
+    if cfg.model_dtype != "auto":
+        out["dtype"] = getattr(torch, cfg.model_dtype)
+    return out
 
 
 def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device):
@@ -399,7 +410,9 @@ def add_lora(model, r: int, alpha: int, dropout: float, target: str):
     targets = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing (a stderr line)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return get_peft_model(model, cfg)
     except ValueError as e:
         raise UserError(f"--lora-target {target!r}: {e}") from None
 

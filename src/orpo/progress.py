@@ -1,9 +1,26 @@
-"""Progress display: a live bar in a terminal, one plain line per logged step otherwise (CI, files)."""
+"""Progress display: a live bar in a terminal or a Jupyter notebook, one plain line per logged step
+otherwise (CI, files, a notebook without ipywidgets, which rich needs to draw a live bar there)."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
+
+
+def in_notebook() -> bool:
+    """A Jupyter kernel (rich asks IPython), not a terminal IPython."""
+    try:
+        from rich.console import _is_jupyter
+    except ImportError:  # pragma: no cover - rich is a dependency
+        return False
+    return _is_jupyter()
+
+
+def live_display(stream) -> bool:
+    if getattr(stream, "isatty", lambda: False)():
+        return True
+    return in_notebook() and importlib.util.find_spec("ipywidgets") is not None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -36,7 +53,7 @@ class Progress:
     def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
         self.total, self.start, self.enabled = total, start, enabled
         self.stream = stream or sys.stdout
-        self.live = enabled and self.stream.isatty()
+        self.live = enabled and live_display(self.stream)
         self._bar = None
         self._task = None
         self._t0 = time.time()

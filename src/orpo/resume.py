@@ -149,10 +149,13 @@ def drop_final_eval(metrics_path: Path, step: int) -> None:
 
 
 def resume_command(out: Path, overwrite: bool, argv: list[str] | None) -> str:
-    parts = list(argv) if argv else ["--output-dir", str(out)]
-    if overwrite and "--no-overwrite" not in parts:  # e.g. the default job's recipe says overwrite: true
-        parts.append("--no-overwrite")
-    return shlex.join(["orpo", "train", *parts, "--resume"])
+    """The command that continues this run: ``argv`` is the command it was started with, whole and
+    shell-quoted, ending in --resume (the CLI's), or a call (the API's); without it, OUT/config.yaml's.
+    A YAML file that says ``overwrite: true`` would contradict --resume, so --no-overwrite goes in."""
+    parts = list(argv) if argv else ["orpo", "train", shlex.quote(str(Path(out) / "config.yaml")), "--resume"]
+    if overwrite and parts[-1] == "--resume" and "--no-overwrite" not in parts:
+        parts.insert(-1, "--no-overwrite")
+    return " ".join(parts)
 
 
 def write_failure(exc: BaseException, out: Path, overwrite: bool, argv: list[str] | None, is_main: bool):

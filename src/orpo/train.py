@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from .data.prepare import Rows, check_strict, check_usable, report_line, scan_rows, tokenize_rows
 from .data.store import TokenStore
 from .data.builtin import HELDOUT_LABEL, builtin_pairs, heldout_pairs, heldout_questions
+from .data.chat_templates import set_chat_template
 from .errors import UserError
 from .evaluate import evaluate_pairs, generate, lockstep_batches, write_pair_values
 from .export import write_model_card
@@ -51,6 +53,7 @@ from .model import (
     lean_activations,
     load_model,
     load_tokenizer,
+    loading_options,
     resolve_model,
 )
 from .optim import check_optimizer, make_optimizer, optimizer_summary
@@ -138,7 +141,8 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path:
     out = Path(cfg.output_dir)
     existing = [n for n in RUN_FILES if (out / n).exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
+    inside = cfg.resume_from is not None and out.resolve() in Path(cfg.resume_from).resolve().parents
+    if existing and not (cfg.resume or cfg.overwrite or inside):
         raise UserError(
             f"{out}: already holds a run ({', '.join(existing)}); pass --resume to continue it "
             "or --overwrite to replace it, or choose another --output-dir"
@@ -181,10 +185,11 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     """Read and check every training and eval row; no tokenizer needed, so this runs before any heavy
     work and a bad row fails in seconds."""
     builtin = cfg.data is None
-    train = scan_rows(cfg.data, cfg.max_rows, cfg.shuffle_seed, builtin_pairs(cfg.seed) if builtin else None)
+    train = scan_rows(cfg.data, cfg.max_rows, cfg.shuffle_seed, builtin_pairs(cfg.seed) if builtin else None,
+                      columns=cfg.columns)
     evals = None
     if cfg.eval_data is not None:
-        evals = scan_rows(cfg.eval_data, cfg.eval_max_rows)
+        evals = scan_rows(cfg.eval_data, cfg.eval_max_rows, columns=cfg.columns)
     elif builtin:
         evals = scan_rows(None, pairs=heldout_pairs(cfg.seed), label=HELDOUT_LABEL)
     for rows in (train, evals):
@@ -196,7 +201,8 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
 def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str) -> tuple[TokenStore | None, dict]:
     if rows is None:
         return None, {}
-    store, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    store, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, num_proc=cfg.dataset_num_proc,
+                                 max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
     check_usable(rows.name, store, stats, cfg.strict)
     say(f"{tag}: {report_line(rows.name, stats)}")
     return store, stats.as_dict()
@@ -261,6 +267,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 @dataclass
 class RunResult:
+    """What a run left behind: ``orpo.train`` returns it and the CLI prints from it."""
+
     output_dir: Path
     steps: int
     final_metrics: dict
@@ -269,6 +277,7 @@ class RunResult:
     model_dir: Path
     is_main: bool = True
     answers: dict | None = None  # the default job's held-out answers (orpo.answers.answer_summary)
+    stopped: bool = False  # by a signal, after saving a checkpoint; the run can be resumed
 
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
@@ -332,11 +341,13 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
     train_rows, eval_rows = read_data(cfg)
     folder = resolve_model(cfg.model, quiet=not is_main)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
+    set_chat_template(tokenizer, cfg.chat_template, say)
     with accelerator.main_process_first():  # the others then read the main process's token cache
         train_pairs, train_counts = tokenize_data(cfg, tokenizer, train_rows, say, "train")
         eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval")
     data_counts = {"train": train_counts, **({"eval": eval_counts} if eval_counts else {})}
-    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit)
+    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit,
+                       **loading_options(cfg))
     if cfg.liger:
         apply_liger(model)
     if not cfg.keep_dropout:
@@ -370,7 +381,11 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
 
     # --- resume ---------------------------------------------------------------------------------
     start_step, bad_streak, elapsed_before = 0, 0, 0.0
-    path, damaged = resume.pick_checkpoint(ckpt_dir, is_main) if cfg.resume else (None, [])
+    if cfg.resume_from:  # a checkpoint named by the user: it must load, or the run stops in one line
+        point = ckpt.resume_point(ckpt_dir, False, cfg.resume_from)
+        path, damaged = (point[1] if point else None), []
+    else:
+        path, damaged = resume.pick_checkpoint(ckpt_dir, is_main) if cfg.resume else (None, [])
     if path is not None:
         if damaged:
             say(resume.damaged_line(path, damaged))
@@ -403,6 +418,8 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if is_main:
             resume.set_aside(damaged)
+            if cfg.resume_from:
+                ckpt.carry_metrics(path, metrics_path)
             _truncate_metrics(metrics_path, start_step)
             if start_step >= total_steps:  # only the end is left to redo; it evaluates again
                 resume.drop_final_eval(metrics_path, start_step)
@@ -480,7 +497,7 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
                     idx, weight = step_idx[:1], 0.0
                 batch = forward.collate([train_pairs[i] for i in idx], cfg.prompt_in_nll, pad_id).to(device)
                 last = m == len(micro) - 1
-                sync = accelerator.no_sync(policy) if (world > 1 and not last and not deepspeed) else _nullcontext()
+                sync = accelerator.no_sync(policy) if (world > 1 and not last and not deepspeed) else nullcontext()
                 with sync:
                     with autocast():
                         logps = policy(batch)
@@ -562,7 +579,8 @@ def _train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunRes
     if stopped_early:
         cmd = resume.resume_command(out, cfg.overwrite, argv_for_resume)
         say(f"stopped by signal after step {step}; checkpoint saved. Resume with:\n  {cmd}")
-        raise SystemExit(0 if stop.flag else 1)
+        accelerator.end_training()
+        return RunResult(out, step, last_row, eval_last, None, out / "model", is_main, stopped=True)
 
     # --- the end: final eval, model, summary -----------------------------------------------------
     if step > start_step:  # (a redone end, e.g. after a full disk, has its checkpoint already)
@@ -620,14 +638,6 @@ def _configure_deepspeed(accelerator, policy: PolicyForward, cfg: TrainConfig) -
         for p in (head.weight, head.bias):
             if p is not None:
                 deepspeed.zero.register_external_parameter(policy, p)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _eval_line(row: dict) -> str:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import cache_root
+from ..config import cache_root, column_map, is_in_memory, memory_label
 from ..errors import UserError
+from .memory import source_name
 from .readers import Pair, Skips, iter_pairs
 from .store import META, StoreWriter, TokenStore
 from .templates import TokenizedPair, TokenStats, tokenize_batch
@@ -49,6 +50,7 @@ class Rows:
     selected: np.ndarray | None = None  # sorted row indices drawn by sampling (None: all rows read)
     pairs: list[Pair] | None = field(default=None, repr=False)  # in-memory rows (the built-in data)
     cacheable: bool = True
+    columns: dict | None = None  # --columns: the data's own names of prompt/chosen/rejected
 
     def __iter__(self) -> Iterator[tuple[int, Pair]]:
         """(row index, pair) for every usable row, in source order."""
@@ -57,7 +59,7 @@ class Rows:
             return
         keep = set(self.selected.tolist()) if self.selected is not None else None
         limit = None if keep is not None else self.max_rows
-        for i, _where, pair, _reason in iter_pairs(self.source, limit):
+        for i, _where, pair, _reason in iter_pairs(self.source, limit, self.columns):
             if pair is not None and (keep is None or i in keep):
                 yield i, pair
 
@@ -88,18 +90,28 @@ def _atomic_write(path: Path, text: str) -> None:
         pass  # an unwritable cache only makes the next run slower
 
 
-def scan_rows(source: str | Path | None, max_rows: int | None = None, shuffle_seed: int | None = None,
-              pairs: list[Pair] | None = None, label: str | None = None) -> Rows:
-    """Check every row of ``source`` (or take ``pairs``) and decide which rows are used."""
+def scan_rows(source, max_rows: int | None = None, shuffle_seed: int | None = None,
+              pairs: list[Pair] | None = None, label: str | None = None, columns: dict | None = None) -> Rows:
+    """Check every row of ``source`` (a path, a hub name, or rows in memory; or take ``pairs``) and decide
+    which rows are used. ``columns`` maps prompt/chosen/rejected to the data's own keys (a dict, or the
+    --columns text)."""
+    columns = column_map(columns)
     if pairs is not None:
         key = hashlib.sha256(repr([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode()).hexdigest()
         return Rows(label or "built-in dataset", key, len(pairs), Skips(), pairs=pairs)
-    source = str(source)
-    path = Path(source)
-    name = label or source
-    local = path.exists()
-    base = _hash_source(path) if local else hashlib.sha256(f"hub|{source}".encode()).hexdigest()
+    in_memory = is_in_memory(source)
+    if not in_memory:
+        source = str(source)
+    path = Path(source) if not in_memory else None
+    name = label or source_name(source)
+    local = path is not None and path.exists()
+    if in_memory:  # the content's hash, as config.yaml records it
+        base = hashlib.sha256(f"memory|{memory_label(source)}".encode()).hexdigest()
+    else:
+        base = _hash_source(path) if local else hashlib.sha256(f"hub|{source}".encode()).hexdigest()
     sel = f"rows={max_rows}|shuffle={shuffle_seed if max_rows is not None else None}"
+    if columns:  # (left out when unset, so caches made before --columns existed stay valid)
+        sel += f"|columns={sorted(columns.items())}"
     key = hashlib.sha256(f"{base}|{sel}".encode()).hexdigest()
     marker = _tokens_dir() / f"{key[:32]}.rows.json"
     if local and marker.is_file():
@@ -107,7 +119,7 @@ def scan_rows(source: str | Path | None, max_rows: int | None = None, shuffle_se
             m = json.loads(marker.read_text())
             skips = Skips(counts=m["skips"], examples=m["examples"])
             selected = np.asarray(m["selected"], dtype=np.int64) if m["selected"] is not None else None
-            return Rows(name, key, m["n_read"], skips, source, max_rows, selected, cacheable=True)
+            return Rows(name, key, m["n_read"], skips, source, max_rows, selected, cacheable=True, columns=columns)
         except (ValueError, KeyError):
             pass
 
@@ -119,7 +131,7 @@ def scan_rows(source: str | Path | None, max_rows: int | None = None, shuffle_se
         reservoir: list[int] = []
         reasons: dict[int, tuple[str, str]] = {}
         n = 0
-        for i, where, _pair, reason in iter_pairs(source, None):
+        for i, where, _pair, reason in iter_pairs(source, None, columns):
             n += 1
             if len(reservoir) < max_rows:
                 slot = len(reservoir)
@@ -139,14 +151,14 @@ def scan_rows(source: str | Path | None, max_rows: int | None = None, shuffle_se
         n_read = len(selected)
     else:
         n_read = 0
-        for _i, where, _pair, reason in iter_pairs(source, max_rows):
+        for _i, where, _pair, reason in iter_pairs(source, max_rows, columns):
             n_read += 1
             if reason is not None:
                 skips.add(reason, where)
     if local:
         _atomic_write(marker, json.dumps({"n_read": n_read, "skips": skips.counts, "examples": skips.examples,
                                           "selected": selected.tolist() if selected is not None else None}))
-    return Rows(name, key, n_read, skips, source, max_rows, selected, cacheable=local)
+    return Rows(name, key, n_read, skips, source, max_rows, selected, cacheable=local or in_memory, columns=columns)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -166,13 +178,13 @@ def _encode(x):
     return x if isinstance(x, str) else json.dumps(x)
 
 
-def _map_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int | None) -> dict:
+def _map_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int | None, trunc: dict) -> dict:
     """datasets.map worker: rows in, token ids and per-row outcome out."""
     decode = (lambda v: json.loads(v)) if batch["conv"][0] else (lambda v: v)  # noqa: E731
     pairs = [Pair(decode(p), decode(c), decode(r), w)
              for p, c, r, w in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["where"])]
     out = {"p": [], "c": [], "r": [], "skip": [], "p_cut": [], "c_cut": []}
-    for tp, reason, p_cut, c_cut in tokenize_batch(pairs, tokenizer, max_length, max_prompt_length):
+    for tp, reason, p_cut, c_cut in tokenize_batch(pairs, tokenizer, max_length, max_prompt_length, **trunc):
         out["p"].append(tp.prompt.tolist() if tp else [])
         out["c"].append(tp.chosen.tolist() if tp else [])
         out["r"].append(tp.rejected.tolist() if tp else [])
@@ -182,12 +194,12 @@ def _map_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int |
     return out
 
 
-def _tokenize_chunk(pairs: list[Pair], tokenizer, max_length, max_prompt_length, num_proc: int):
+def _tokenize_chunk(pairs: list[Pair], tokenizer, max_length, max_prompt_length, num_proc: int, trunc: dict):
     """Per pair of the chunk: (tokenized or None, skip reason, prompt cut, completion cut)."""
     if num_proc <= 1 or len(pairs) < PARALLEL_MIN_ROWS:
         out = []
         for s in range(0, len(pairs), 512):
-            out += tokenize_batch(pairs[s : s + 512], tokenizer, max_length, max_prompt_length)
+            out += tokenize_batch(pairs[s : s + 512], tokenizer, max_length, max_prompt_length, **trunc)
         return out
     import datasets
 
@@ -197,7 +209,8 @@ def _tokenize_chunk(pairs: list[Pair], tokenizer, max_length, max_prompt_length,
         "conv": [pairs[0].conversational] * len(pairs),
     })
     mapped = ds.map(_map_batch, batched=True, batch_size=256, num_proc=num_proc, remove_columns=ds.column_names,
-                    fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_prompt_length": max_prompt_length},
+                    fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_prompt_length": max_prompt_length,
+                               "trunc": trunc},
                     keep_in_memory=True)
     as_ids = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
     return [(None if r["skip"] else TokenizedPair(as_ids(r["p"]), as_ids(r["c"]), as_ids(r["r"]), p.where),
@@ -224,10 +237,14 @@ def _stats_from_meta(meta: dict) -> TokenStats:
 
 
 def tokenize_rows(rows: Rows, tokenizer, max_length: int, max_prompt_length: int | None = None,
-                  num_proc: int | None = None, cache: bool = True) -> tuple[TokenStore, TokenStats]:
+                  num_proc: int | None = None, cache: bool = True, max_completion_length: int | None = None,
+                  truncation_mode: str = "keep_end") -> tuple[TokenStore, TokenStats]:
     """Tokenize and truncate the rows into a :class:`TokenStore` (from the cache if done before)."""
+    trunc = {"max_completion_length": max_completion_length, "truncation_mode": truncation_mode}
+    # Options at their defaults stay out of the key, so that caches made before they existed stay valid.
+    extra = "".join(f"|{k}={v}" for k, v in trunc.items() if v != {"truncation_mode": "keep_end"}.get(k))
     key = hashlib.sha256(
-        f"{rows.key}|{tokenizer_fingerprint(tokenizer)}|{max_length}|{max_prompt_length}|v{CACHE_VERSION}".encode()
+        f"{rows.key}|{tokenizer_fingerprint(tokenizer)}|{max_length}|{max_prompt_length}{extra}|v{CACHE_VERSION}".encode()
     ).hexdigest()[:32]
     folder = _tokens_dir() / key
     use_cache = cache and rows.cacheable
@@ -249,7 +266,7 @@ def tokenize_rows(rows: Rows, tokenizer, max_length: int, max_prompt_length: int
         writer = StoreWriter(tmp)
     try:
         for chunk in _chunks(rows):
-            results = _tokenize_chunk([p for _, p in chunk], tokenizer, max_length, max_prompt_length, workers)
+            results = _tokenize_chunk([p for _, p in chunk], tokenizer, max_length, max_prompt_length, workers, trunc)
             for (row, pair), (tp, reason, p_cut, c_cut) in zip(chunk, results):
                 if tp is None:
                     stats.skips.add(reason, pair.where)
@@ -305,10 +322,15 @@ def prepare_pairs(
     label: str | None = None,
     cache: bool = True,
     shuffle_seed: int | None = None,
+    columns: dict | None = None,
+    num_proc: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
 ) -> tuple[TokenStore, TokenStats, str]:
     """Scan, check, tokenize and truncate in one call. Returns (store, stats, one-line report)."""
-    rows = scan_rows(source, max_rows, shuffle_seed, pairs, label)
+    rows = scan_rows(source, max_rows, shuffle_seed, pairs, label, columns)
     check_strict(rows.name, rows.skips, strict)
-    store, stats = tokenize_rows(rows, tokenizer, max_length, max_prompt_length, cache=cache)
+    store, stats = tokenize_rows(rows, tokenizer, max_length, max_prompt_length, num_proc=num_proc, cache=cache,
+                                 max_completion_length=max_completion_length, truncation_mode=truncation_mode)
     check_usable(rows.name, store, stats, strict)
     return store, stats, report_line(rows.name, stats)

@@ -14,7 +14,8 @@ Rules (each has a test):
   completion has no end token at all.
 - Truncation to ``max_length`` takes tokens from the start of the prompt first (keeping a leading BOS
   and the latest turns), never below ``max_length // 2`` tokens of prompt, then cuts the completions'
-  ends. ``max_prompt_length`` is an extra hard cap on the prompt.
+  ends. ``max_prompt_length`` is an extra hard cap on the prompt, ``max_completion_length`` one on each
+  completion (applied first); ``truncation_mode="keep_start"`` keeps a prompt's start instead of its end.
 """
 
 from __future__ import annotations
@@ -142,19 +143,26 @@ def truncate(
     max_length: int,
     max_prompt_length: int | None,
     bos: int | None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
 ) -> tuple[list[int], list[int], list[int], bool, bool]:
     """Fit prompt + each completion into ``max_length`` tokens. Returns the three parts and whether the
-    prompt and the completions were cut."""
+    prompt and the completions were cut. ``truncation_mode`` keep_end drops a prompt's first tokens (after
+    a BOS), keep_start its last ones; ``max_completion_length`` caps each completion first."""
     keep_bos = bos is not None and len(prompt) > 0 and prompt[0] == bos
 
     def keep_last(ids: list[int], n: int) -> list[int]:
         if len(ids) <= n:
             return ids
+        if truncation_mode == "keep_start":
+            return ids[:n]
         if keep_bos and n >= 2:
             return [ids[0]] + ids[len(ids) - (n - 1):]
         return ids[len(ids) - n:]
 
     p_cut = c_cut = False
+    if max_completion_length is not None and max(len(chosen), len(rejected)) > max_completion_length:
+        chosen, rejected, c_cut = chosen[:max_completion_length], rejected[:max_completion_length], True
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt, p_cut = keep_last(prompt, max_prompt_length), True
     longest = max(len(chosen), len(rejected))
@@ -171,7 +179,8 @@ def truncate(
 
 
 def tokenize_batch(
-    pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int | None = None
+    pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int | None = None,
+    max_completion_length: int | None = None, truncation_mode: str = "keep_end",
 ) -> list[tuple[TokenizedPair | None, str | None, bool, bool]]:
     """Tokenize and truncate a batch of pairs (the Rust tokenizer runs whole batches fast).
 
@@ -194,7 +203,8 @@ def tokenize_batch(
         if chosen == rejected:
             out.append((None, "chosen identical to rejected", False, False))
             continue
-        prompt, chosen, rejected, p_cut, c_cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length, bos)
+        prompt, chosen, rejected, p_cut, c_cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length, bos,
+                                                          max_completion_length, truncation_mode)
         if not chosen or not rejected:
             out.append((None, "completion lost to truncation", p_cut, c_cut))
             continue

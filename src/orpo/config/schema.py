@@ -1,26 +1,20 @@
-"""The run's configuration: one typed dataclass that is the schema, the CLI and the documentation at once.
-
-Precedence, lowest to highest: the defaults below, then a YAML file, then command-line flags. The resolved
-result is written to ``OUT/config.yaml`` and can be fed back in unchanged. This module imports no torch.
-"""
+"""The schema: one typed dataclass whose fields, help texts and groups are the CLI and the documentation at
+once; what enters the fingerprint of a run; data handed in from Python; column maps. Imports no torch."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import hashlib
 import json
-import math
 import os
-import types
-import typing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-import yaml
-
-from .errors import UserError
+from ..errors import UserError
+from .trl_names import translate
 
 # The default learning rate depends on what is trained: full fine-tuning moves every weight and wants
 # the paper's small rate; LoRA trains a low-rank update from zero and needs a larger one.
@@ -86,15 +80,42 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass: less memory, about 30% more time.", "model"
     )
+    model_dtype: str = opt(
+        "auto",
+        "dtype of the loaded weights. auto: float32 weights (with --precision bf16, the matmuls still run in "
+        "bfloat16 under autocast); bfloat16/float16 hold the weights themselves in 16 bits.",
+        "model",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    attn_implementation: str = opt(
+        "auto",
+        "transformers' attention implementation for loading the model (auto: sdpa, or the model's eager one where "
+        "transformers has no SDPA path for it). The start-up check proves orpo's paths against whichever it is.",
+        "model",
+        choices=("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+    )
 
     # --- data --------------------------------------------------------------------------------------
     data: Optional[str] = opt(
         None,
-        "Training pairs: .jsonl, .jsonl.gz, .json, .parquet, .csv or a folder saved by `datasets`. "
+        "Training pairs: .jsonl, .jsonl.gz, .json, .parquet, .csv, a folder saved by `datasets` or a Hugging "
+        "Face dataset name; in Python also a datasets.Dataset, a pandas DataFrame or a list of dicts. "
         "Default: the built-in synthetic dataset of the default job.",
         "data",
     )
     eval_data: Optional[str] = opt(None, "Held-out pairs, same formats as --data.", "data")
+    columns: Optional[str] = opt(
+        None,
+        "Where the data keeps its fields, when they have other names: e.g. "
+        "'prompt=question,chosen=response_j,rejected=response_k' (applies to --data and --eval-data).",
+        "data",
+    )
+    chat_template: Optional[str] = opt(
+        None,
+        "Chat template for message-list data: a Jinja file, or a known name (chatml, llama-3, zephyr, mistral, "
+        "gemma, phi-3). Default: the tokenizer's own.",
+        "data",
+    )
     max_length: int = opt(
         1024, "Most tokens in prompt + completion; longer pairs are truncated, prompt start first.", "data"
     )
@@ -103,6 +124,19 @@ class TrainConfig:
         "Hard cap on prompt tokens (the latest are kept). Default: no cap beyond --max-length, but a "
         "prompt never shrinks below half of --max-length to make room for its completions.",
         "data",
+    )
+    max_completion_length: Optional[int] = opt(
+        None, "Hard cap on each completion's tokens (its end is cut). Default: no cap beyond --max-length.", "data"
+    )
+    truncation_mode: str = opt(
+        "keep_end",
+        "Which part of a prompt that is too long survives: keep_end drops its start (the latest turns stay), "
+        "keep_start drops its end.",
+        "data",
+        choices=("keep_end", "keep_start"),
+    )
+    dataset_num_proc: Optional[int] = opt(
+        None, "Processes that tokenize a large dataset (default: up to 8, one per CPU core).", "data"
     )
     max_rows: Optional[int] = opt(None, "Use only N rows of --data (the first N, or a random sample with --shuffle-seed).", "data")
     shuffle_seed: Optional[int] = opt(
@@ -214,6 +248,12 @@ class TrainConfig:
     output_dir: str = opt("runs/orpo", "Where the run writes everything.", "run")
     overwrite: bool = opt(False, "Replace a finished or interrupted run in --output-dir.", "run")
     resume: bool = opt(False, "Continue from the latest complete checkpoint in --output-dir.", "run")
+    resume_from: Optional[str] = opt(
+        None,
+        "Continue from this checkpoint folder (OUT/checkpoints/step-N) of a run made with the same options; "
+        "the run goes on in --output-dir.",
+        "run",
+    )
     logging_steps: int = opt(1, "Write a metrics row every N optimizer steps.", "run")
     save_steps: int = opt(200, "Save a checkpoint every N optimizer steps (0: only at the end).", "run")
     save_total_limit: int = opt(2, "Keep only the newest K checkpoints.", "run")
@@ -237,7 +277,21 @@ class TrainConfig:
         return LORA_LR if self.lora else FULL_FINETUNE_LR
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values; in-memory data (Python only) becomes a label with its content hash, computed once
+        per config object (hashing 100k rows takes seconds, and every checkpoint records the config;
+        ``orpo.train`` works on its own copy of the config, so a later run sees edited rows afresh)."""
+        labels = self.__dict__.setdefault("_memory_labels", {})
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("data", "eval_data") and is_in_memory(v):
+                key = (f.name, id(v))
+                if key not in labels:
+                    labels[key] = memory_label(v)
+                out[f.name] = labels[key]
+            else:
+                out[f.name] = copy.deepcopy(v)
+        return out
 
     def fingerprint(self, saved: dict | None = None) -> str:
         """Hash of what determines the training trajectory (not where or how often it is logged). Given
@@ -258,203 +312,59 @@ class TrainConfig:
 # and how long to train (the schedule follows --max-steps, so extending a run with a decaying schedule
 # changes the learning rates of the remaining steps, as the user asked).
 NOT_IN_FINGERPRINT = frozenset({"output_dir", "overwrite", "resume", "logging_steps", "save_steps", "save_total_limit",
-                                "eval_steps", "eval_samples", "max_steps", "max_bad_steps", "report_to"})
+                                "eval_steps", "eval_samples", "max_steps", "max_bad_steps", "report_to", "resume_from",
+                                "dataset_num_proc"})
+
+_dataclass_init = TrainConfig.__init__
+
+
+def _init(self, *args, **kwargs):
+    """TrainConfig(...) also takes TRL's keyword names (learning_rate=..., bf16=...), each read with one
+    line saying so; unknown keywords are one error naming them all."""
+    kwargs, notes = translate(kwargs, [f.name for f in dataclasses.fields(TrainConfig)], "TrainConfig()")
+    for note in notes:
+        print(f"orpo: {note}", file=sys.stderr)
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainConfig.__init__ = _init
 
 
 # ------------------------------------------------------------------------------------------------
-# Schema helpers shared by YAML loading and the CLI.
+# Data held in memory (Python only): a datasets.Dataset, a pandas DataFrame or a list of dicts.
 
 
-def fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(TrainConfig))
+def is_in_memory(value: Any) -> bool:
+    return value is not None and not isinstance(value, (str, os.PathLike))
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def field_type(f: dataclasses.Field) -> tuple[type, bool]:
-    """(base python type, whether None is allowed) of a config field."""
-    hints = typing.get_type_hints(TrainConfig)
-    base, optional = _unwrap_optional(hints[f.name])
-    if typing.get_origin(base) is Literal:
-        base = type(typing.get_args(base)[0])
-    return base, optional
-
-
-def suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def coerce(name: str, value: Any, where: str) -> Any:
-    """Check and convert one value to the type of field ``name``; ``where`` says where it came from."""
-    f = next(f for f in fields() if f.name == name)
-    base, optional = field_type(f)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and optional):
-        if optional:
-            return None
-        raise UserError(f"{where}: '{name}' cannot be empty")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise UserError(f"{where}: '{name}' must be true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool):
-            raise UserError(f"{where}: '{name}' must be an integer, got {value!r}")
-        if isinstance(value, int):
-            out = value
-        elif isinstance(value, float) and value.is_integer():
-            out = int(value)
-        elif isinstance(value, str):
-            try:
-                out = int(value.replace("_", ""))
-            except ValueError:
-                raise UserError(f"{where}: '{name}' must be an integer, got {value!r}") from None
-        else:
-            raise UserError(f"{where}: '{name}' must be an integer, got {value!r}")
-    elif base is float:
-        if isinstance(value, bool):
-            raise UserError(f"{where}: '{name}' must be a number, got {value!r}")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: '{name}' must be a number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise UserError(f"{where}: '{name}' must be finite, got {value!r}")
-    elif base is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UserError(f"{where}: '{name}' must be a string, got {value!r}")
-        out = str(value)
-    else:  # pragma: no cover - every field is one of the above
-        out = value
-    choices = f.metadata.get("choices")
-    if choices and out not in choices:
-        raise UserError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {out!r}{suggest(str(out), list(choices))}")
-    return out
-
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Reject values that are the right type but impossible, before any heavy work starts."""
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UserError(f"config: {msg}")
-
-    need(cfg.beta >= 0, f"beta must be >= 0 (0 is plain SFT on the chosen answers); got {cfg.beta}")
-    need(cfg.max_length >= 8, f"max_length must be at least 8 tokens; got {cfg.max_length}")
-    if cfg.max_prompt_length is not None:
-        need(
-            1 <= cfg.max_prompt_length < cfg.max_length,
-            f"max_prompt_length must be between 1 and max_length - 1 ({cfg.max_length - 1}); got {cfg.max_prompt_length}",
-        )
-    need(cfg.batch_size >= 1, f"batch_size must be >= 1; got {cfg.batch_size}")
-    need(cfg.grad_accum >= 1, f"grad_accum must be >= 1; got {cfg.grad_accum}")
-    need(cfg.epochs > 0, f"epochs must be > 0; got {cfg.epochs}")
-    if cfg.max_steps is not None:
-        need(cfg.max_steps >= 1, f"max_steps must be >= 1; got {cfg.max_steps}")
-    if cfg.lr is not None:
-        need(cfg.lr > 0, f"lr must be > 0; got {cfg.lr}")
-    need(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1); got {cfg.warmup_ratio}")
-    if cfg.warmup_steps is not None:
-        need(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0; got {cfg.warmup_steps}")
-    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0; got {cfg.weight_decay}")
-    need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam betas must be in [0, 1)")
-    need(cfg.adam_eps > 0, f"adam_eps must be > 0; got {cfg.adam_eps}")
-    need(cfg.max_grad_norm >= 0, f"max_grad_norm must be >= 0; got {cfg.max_grad_norm}")
-    need(cfg.galore_rank >= 1, f"galore_rank must be >= 1; got {cfg.galore_rank}")
-    need(cfg.galore_update_interval >= 1, f"galore_update_interval must be >= 1; got {cfg.galore_update_interval}")
-    need(cfg.galore_scale > 0, f"galore_scale must be > 0; got {cfg.galore_scale}")
-    need(not (cfg.bf16_weights and cfg.load_in_4bit), "--bf16-weights and --load-in-4bit: a 4-bit base is not cast; "
-         "its LoRA adapters are small, train them in fp32")
-    need(cfg.lora_r >= 1, f"lora_r must be >= 1; got {cfg.lora_r}")
-    need(cfg.lora_alpha > 0, f"lora_alpha must be > 0; got {cfg.lora_alpha}")
-    need(0 <= cfg.lora_dropout < 1, f"lora_dropout must be in [0, 1); got {cfg.lora_dropout}")
-    need(cfg.logging_steps >= 1, f"logging_steps must be >= 1; got {cfg.logging_steps}")
-    need(cfg.save_steps >= 0, f"save_steps must be >= 0; got {cfg.save_steps}")
-    need(cfg.save_total_limit >= 1, f"save_total_limit must be >= 1; got {cfg.save_total_limit}")
-    need(cfg.eval_steps >= 0, f"eval_steps must be >= 0; got {cfg.eval_steps}")
-    need(cfg.eval_samples >= 0, f"eval_samples must be >= 0; got {cfg.eval_samples}")
-    need(cfg.max_bad_steps >= 1, f"max_bad_steps must be >= 1; got {cfg.max_bad_steps}")
-    need(cfg.logits_chunk >= 0, f"logits_chunk must be >= 0; got {cfg.logits_chunk}")
-    for name in ("max_rows", "eval_max_rows"):
-        v = getattr(cfg, name)
-        if v is not None:
-            need(v >= 1, f"{name} must be >= 1; got {v}")
-    need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one")
-    need(not cfg.load_in_4bit or cfg.lora, "--load-in-4bit (QLoRA) trains LoRA adapters; add --lora")
-    for name in report_targets(cfg):
-        need(name in TRACKERS, f"report_to: unknown tracker '{name}'; choose from none, {', '.join(TRACKERS)}"
-             f"{suggest(name, list(TRACKERS))}")
-    return cfg
-
-
-# tracker name -> (module that must be importable, pip package that provides it)
-TRACKERS = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "mlflow": ("mlflow", "mlflow"),
-    "wandb": ("wandb", "wandb"),
-    "trackio": ("trackio", "trackio"),
-}
-
-
-def report_targets(cfg: TrainConfig) -> list[str]:
-    names = [n.strip() for n in cfg.report_to.split(",") if n.strip()]
-    return [] if names in ([], ["none"]) else names
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config file into a dict of checked, typed values (unknown keys are errors)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: config file not found")
+def memory_label(value: Any) -> str:
+    """'in-memory Dataset (N rows, <hash>)': what config.yaml and the fingerprint record for it."""
+    kind = type(value).__name__
+    fp = getattr(value, "_fingerprint", None)  # a datasets.Dataset knows its own content hash
+    if fp is None:
+        rows = value.to_dict("records") if hasattr(value, "to_dict") and hasattr(value, "columns") else value
+        fp = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not UTF-8 text") from None
-    if raw is None:
+        n = len(value)
+    except TypeError:
+        n = "?"
+    return f"in-memory {kind} ({n} rows, {fp})"
+
+
+def column_map(columns: str | dict | None) -> dict[str, str]:
+    """--columns 'prompt=question,chosen=response_j' -> {'prompt': 'question', 'chosen': 'response_j'}."""
+    if not columns:
         return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: a config file must be a mapping of option: value")
-    names = [f.name for f in fields()]
+    items = columns.items() if isinstance(columns, dict) else (
+        part.split("=", 1) if "=" in part else (part, None) for part in str(columns).split(",") if part.strip())
     out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise UserError(f"{p}: unknown option '{key}'{suggest(name, names)}")
-        out[name] = coerce(name, value, str(p))
+    for ours, theirs in items:
+        ours = str(ours).strip()
+        if ours not in ("prompt", "chosen", "rejected") or not theirs or not str(theirs).strip():
+            raise UserError(f"columns: {columns!r}: write FIELD=KEY pairs separated by commas, FIELD one of "
+                            "prompt, chosen, rejected (e.g. prompt=question,chosen=response_j,rejected=response_k)")
+        out[ours] = str(theirs).strip()
     return out
 
 
-def build(overrides: dict | None = None, yaml_path: str | Path | None = None) -> TrainConfig:
-    """Defaults <- YAML <- overrides, checked. ``overrides`` holds already-typed values."""
-    values: dict = {}
-    if yaml_path is not None:
-        values.update(load_yaml(yaml_path))
-    values.update(overrides or {})
-    if values.get("low_memory"):  # a recipe: it fills in only what the user did not set
-        for k, v in LOW_MEMORY.items():
-            values.setdefault(k, v)
-    names = {f.name for f in fields()}
-    for k in values:
-        if k not in names:
-            raise UserError(f"config: unknown option '{k}'{suggest(k, sorted(names))}")
-    return validate(TrainConfig(**values))
-
-
-def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config (the effective learning rate included) so the run can be repeated."""
-    data = cfg.to_dict()
-    data["lr"] = cfg.resolved_lr()
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
