@@ -120,9 +120,9 @@ def test_trl_keywords_in_python(capsys):
 
 def test_default_job_with_changes():
     job = orpo.default_job(max_steps=20)
-    assert (job.lora, job.lr, job.batch_size, job.max_length, job.max_steps) == (True, 2e-4, 8, 256, 20)
+    assert (job.lora, job.lr, job.batch_size, job.max_length, job.max_steps) == (True, 1e-4, 8, 256, 20)
     assert not job.overwrite
-    assert orpo.default_job(learning_rate=1e-4).lr == 1e-4
+    assert orpo.default_job(learning_rate=3e-4).lr == 3e-4
 
 
 def test_import_orpo_stays_light_and_names_are_functions():

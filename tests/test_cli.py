@@ -54,7 +54,7 @@ def test_a_flag_changes_only_itself_in_the_default_job(captured):
     assert job == orpo.default_job()
     cfg, _ = captured("--max-steps", "20")
     assert cfg == orpo.default_job(max_steps=20)
-    assert (cfg.lora, cfg.lr, cfg.batch_size, cfg.max_length, cfg.output_dir) == (True, 2e-4, 8, 256, "runs/default")
+    assert (cfg.lora, cfg.lr, cfg.batch_size, cfg.max_length, cfg.output_dir) == (True, 1e-4, 8, 256, "runs/default")
     assert not cfg.overwrite  # no hidden overwrite
 
 

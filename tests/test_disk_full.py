@@ -28,7 +28,7 @@ def rows(out):
 
 
 def args_for(model, data, out, steps=4, save=2):
-    return ["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--precision", "fp32",
+    return ["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--precision", "fp32", "--no-lora",
             "--batch-size", "2", "--scheduler", "constant", "--warmup-steps", "0", "--lr", "1e-3",
             "--max-steps", str(steps), "--save-steps", str(save), "--output-dir", str(out)]
 

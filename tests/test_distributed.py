@@ -75,7 +75,8 @@ def test_odd_number_of_eval_pairs_keeps_processes_in_lockstep(tmp_path, tiny_mod
 
     evals = write_jsonl(tmp_path / "eval5.jsonl", (CONV_ROWS * 2)[:5])
     common = ["train", "--model", str(tiny_model_dir), "--data", str(conv_file), "--precision", "fp32", "--lr", "1e-2",
-              "--max-steps", "2", "--eval-data", str(evals), "--eval-steps", "1", "--save-steps", "0"]
+              "--max-steps", "2", "--eval-data", str(evals), "--eval-steps", "1", "--save-steps", "0",
+              "--no-lora"]  # (LoRA dropout draws differ per process)
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "orpo", *common, "--batch-size", "2", "--output-dir", str(one)],
                    env=env(), check=True, capture_output=True, text=True, timeout=600)
@@ -119,10 +120,11 @@ def test_eval_forwards_are_the_same_on_every_process(tiny_model, chatml_tokenize
     for rank in range(3):
         calls.clear()
         evaluate_pairs(policy, pairs[rank::3], 0.1, False, batch_size=2, n_batches=n, pad_pair=pairs[0],
-                       reduce=lambda t: sums.append(t) or t)
+                       reduce=lambda t: (sums.append(t) if t.ndim == 1 else None) or t)  # the sums, not the table
         assert len(calls) == n
     whole = []
-    evaluate_pairs(policy, pairs, 0.1, False, batch_size=2, reduce=lambda t: whole.append(t) or t)
+    evaluate_pairs(policy, pairs, 0.1, False, batch_size=2,
+                   reduce=lambda t: (whole.append(t) if t.ndim == 1 else None) or t)
     assert torch.allclose(sum(sums), whole[0], rtol=1e-6, atol=1e-9)
     assert float(sum(sums)[3]) == 7  # pairs counted once
 

@@ -181,7 +181,7 @@ def test_model_card(lora_run, tmp_path):
     assert "# run" in card
     assert str(json.loads((lora_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]) in card
     assert "plain.jsonl" in card and "| train |" in card  # data and its counts
-    assert "| beta | 0.1 |" in card and "| lr | 0.01 |" in card and "| lora_r | 4 |" in card
+    assert "| beta | 0.5 |" in card and "| lr | 0.01 |" in card and "| lora_r | 4 |" in card  # (the default job's beta)
     assert "| precision | fp32 |" in card and "| max_length | 256 |" in card  # flags alone: the default job's 256
     assert f"| loss | {summary['final']['loss']:.4g} |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card

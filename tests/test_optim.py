@@ -64,7 +64,7 @@ def _rows(out):
 
 def _common(model64, pairs, name):
     optim = name.split("+")[0]
-    return ["--model", model64, "--data", pairs, "--precision", "fp32", "--batch-size", 2, "--lr", 3e-3,
+    return ["--model", model64, "--data", pairs, "--no-lora", "--beta", 0.1, "--precision", "fp32", "--batch-size", 2, "--lr", 3e-3,
             "--scheduler", "constant", "--warmup-steps", 0, "--eval-samples", 0, "--optim", optim, *RUNS[name]]
 
 

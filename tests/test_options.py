@@ -169,7 +169,7 @@ def test_resume_from_with_other_options_is_refused(tmp_path, tiny_model_dir, pla
     a = tmp_path / "a"
     assert main(["train", *common, "--output-dir", str(a)]) == 0
     capsys.readouterr()
-    assert main(["train", *common, "--output-dir", str(tmp_path / "b"), "--beta", "0.5",
+    assert main(["train", *common, "--output-dir", str(tmp_path / "b"), "--beta", "0.3",
                  "--resume-from", str(a / "checkpoints" / "step-000001")]) == 2
     assert "different config (beta changed)" in capsys.readouterr().err
 

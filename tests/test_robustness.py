@@ -62,6 +62,8 @@ def test_nan_step_is_skipped_and_never_reaches_the_weights(tmp_path, tiny_model_
     calls = {"n": 0}
 
     def poisoned(self, batch):
+        if not self.training:  # the start-up check and the evaluations
+            return real(self, batch)
         calls["n"] += 1
         out = real(self, batch)
         return out * float("nan") if calls["n"] == 2 else out  # the second step's only micro-batch
@@ -86,7 +88,8 @@ def test_nan_streak_stops_the_run_with_a_clear_message(tmp_path, tiny_model_dir,
     import orpo.forward as fwd
 
     real = fwd.PolicyForward.forward
-    monkeypatch.setattr(fwd.PolicyForward, "forward", lambda self, b: real(self, b) * float("inf"))
+    # training steps only (the start-up check and the evaluations run in eval mode)
+    monkeypatch.setattr(fwd.PolicyForward, "forward", lambda self, b: real(self, b) * (float("inf") if self.training else 1.0))
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
                "--max-steps", "10", "--precision", "fp32", "--max-bad-steps", "3"])

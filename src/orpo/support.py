@@ -85,26 +85,24 @@ def _loss(logps, batch, beta=0.5):
 
 def reference(lm, pairs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per-token log-probs (in collate's order: chosen then rejected, pair by pair) from the model's own
-    forward on each sequence alone, and the checked gradient of the ORPO loss over them."""
+    forward, one sequence per right-padded row with its own 2D mask and full logits (what TRL runs), and
+    the checked gradient of the ORPO loss over them. One batched call: on CPU the weights' memory
+    traffic, not the few tokens, is the cost of a forward."""
     dev = next(lm.parameters()).device
-    parts = []
-    for p in pairs:
-        for comp in (p.chosen, p.rejected):
-            seq = torch.tensor(np.concatenate((p.prompt, comp)).astype(np.int64), device=dev)[None]
-            logp = torch.log_softmax(lm(input_ids=seq, use_cache=False).logits[0].float(), -1)
-            parts.append(logp[len(p.prompt) - 1 : -1].gather(1, seq[0, len(p.prompt):, None]).squeeze(1))
-    logps = torch.cat(parts)
     batch = collate(pairs, False, False).to(dev)
+    logits = lm(input_ids=batch.input_ids, attention_mask=batch.layout.padding_mask(dev), use_cache=False).logits
+    logp = torch.log_softmax(logits.flatten(0, 1).index_select(0, batch.src).float(), -1)
+    logps = logp.gather(1, batch.target[:, None]).squeeze(1)
     params = _checked_params(lm)
     grads = torch.autograd.grad(_loss(logps, batch), params, allow_unused=True) if params else []
-    return logps.detach(), [g for g in grads]
+    return logps.detach(), list(grads)
 
 
 def prove(model, paths: Paths, pairs, ref) -> str | None:
     """None if ``paths`` gives the model's own numbers on ``pairs``; else why not, in a few words."""
     lm = base_causal_lm(model)
     dev = next(lm.parameters()).device
-    policy = PolicyForward(model, paths)
+    policy = PolicyForward(model, paths).eval()  # (eval as the model is: decide() restores its mode)
     try:
         batch = policy.collate(pairs, prompt_in_nll=False).to(dev)
         logps = policy(batch)

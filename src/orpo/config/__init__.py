@@ -8,10 +8,10 @@ names for the same options are read too (``trl_names.py``). The resolved result 
 
 from .files import (TRACKERS, build, coerce, dump_yaml, field_type, fields, load_yaml, report_targets, suggest,
                     validate, with_changes)
-from .schema import (FULL_FINETUNE_LR, LORA_LR, NOT_IN_FINGERPRINT, TrainConfig, cache_root, column_map, is_in_memory,
+from .schema import (FULL_FINETUNE_LR, LORA_LR, LOW_MEMORY, NOT_IN_FINGERPRINT, OPTIMIZERS, TrainConfig, cache_root, column_map, is_in_memory,
                      memory_label, opt)
 from .trl_names import ALIASES as TRL_ALIASES
 
-__all__ = ["FULL_FINETUNE_LR", "LORA_LR", "NOT_IN_FINGERPRINT", "TRACKERS", "TRL_ALIASES", "TrainConfig", "build",
+__all__ = ["FULL_FINETUNE_LR", "LORA_LR", "LOW_MEMORY", "NOT_IN_FINGERPRINT", "OPTIMIZERS", "TRACKERS", "TRL_ALIASES", "TrainConfig", "build",
            "cache_root", "coerce", "column_map", "dump_yaml", "field_type", "fields", "is_in_memory", "load_yaml",
            "memory_label", "opt", "report_targets", "suggest", "validate", "with_changes"]
