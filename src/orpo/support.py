@@ -4,8 +4,8 @@ A packed, prefix-shared row ``[prompt, chosen, rejected]`` is exact only if toke
 attention alone, attention sees only what the layout allows (windows, soft-caps and sinks included)
 and the head is what we think it is. None of that is assumed: :func:`decide` runs two short random
 pairs through each candidate path and through the model's own stock forward (its own attention and
-mask, one sequence per row, full logits) and compares the per-token log-probs and the gradient of one
-decoder layer's weights. The first candidate that agrees is used:
+mask, one sequence per row, full logits) and compares the per-token log-probs and the gradient of the
+last two decoder layers' weights. The first candidate that agrees is used:
 
     attention: blocks (CPU) or flex (CUDA)  ->  mask  ->  separate (one sequence per row, as TRL)
     head:      linear (chunked from the weight)  ->  module (the head, chunk by chunk)  ->  model
@@ -70,12 +70,14 @@ def synthetic_pairs(vocab: int, max_length: int, window: int | None, seed: int =
 
 
 def _checked_params(lm) -> list[torch.Tensor]:
-    """The weights whose gradient is compared: the first decoder layer's (every later token-mixing
-    error flows back through them)."""
+    """The weights whose gradient is compared: the last two decoder layers' (a sliding and a full
+    layer where they alternate). Every forward error upstream changes their gradient through the
+    activations, and the backward of our attention and head runs through them; stopping the backward
+    there keeps the check cheap (on CPU a backward pass streams every weight it reaches)."""
     decoder = lm.get_decoder()
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or getattr(decoder, "blocks", None)
-    mod = layers[0] if layers is not None and len(layers) else decoder
-    return [p for p in mod.parameters() if p.requires_grad and p.is_floating_point()]
+    mods = list(layers)[-2:] if layers is not None and len(layers) else [decoder]
+    return [p for m in mods for p in m.parameters() if p.requires_grad and p.is_floating_point()]
 
 
 def _loss(logps, batch, beta=0.5):
