@@ -95,15 +95,9 @@ def _plot_kinds(traj: dict[str, dict], paired: dict[str, dict], dest: str | Path
             gap.set_xlabel("optimizer step")
             gap.grid(True, alpha=0.3)
             gap.legend(fontsize=8, loc="best")
-        if title:
-            fig.suptitle(title + " (bars: bootstrap 95% intervals over pairs)", fontsize=11)
-        fig.tight_layout()
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(dest, dpi=100)
+        return _save(fig, dest, title and title + " (bars: bootstrap 95% intervals over pairs)")
     finally:
         plt.close(fig)
-    return dest
 
 
 def plot_compare_means(runs: dict[str, str | Path], dest: str | Path, title: str | None = None) -> Path:
@@ -146,12 +140,17 @@ def plot_compare_means(runs: dict[str, str | Path], dest: str | Path, title: str
         gap.set_ylabel("log p chosen − log p rejected")
         gap.grid(True, alpha=0.3)
         gap.legend(fontsize=8, loc="best")
-        if title:
-            fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(dest, dpi=100)
+        return _save(fig, dest, title)
     finally:
         plt.close(fig)
+
+
+def _save(fig, dest: str | Path, title: str | None) -> Path:
+    """Title, layout and a PNG at ``dest`` (its folder made if needed)."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest, dpi=100)
     return dest
