@@ -90,6 +90,13 @@ def layer_windows(config) -> dict | int | None:
     return window
 
 
+def smallest_window(config) -> int | None:
+    """The shortest sliding window of any layer (None: no layer slides)."""
+    windows = layer_windows(config)
+    ws = [w for w in (windows.values() if isinstance(windows, dict) else [windows]) if w]
+    return min(ws) if ws else None
+
+
 class PolicyForward(nn.Module):
     """``forward(batch) -> (N,) fp32 log p of batch.target``, the way ``paths`` says.
 
@@ -114,8 +121,7 @@ class PolicyForward(nn.Module):
             attention.disable(lm.config)
         self.scale, self.softcap = head_transform(lm.config)
         self.windows = layer_windows(lm.config)
-        self.window = min([w for w in self.windows.values() if w] or [None]) if isinstance(self.windows, dict) \
-            else self.windows
+        self.window = smallest_window(lm.config)  # FlexAttention's one block mask serves every layer
         # the chunked head reads the weight directly (DeepSpeed ZeRO-3 must gather it for the whole forward)
         self.plain_head = paths.head == "linear"
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # read by FSDP's auto-wrap

@@ -25,7 +25,7 @@ from . import attention
 from .data.batching import collate
 from .data.templates import TokenizedPair
 from .errors import UserError
-from .forward import Paths, PolicyForward, head_transform, layer_windows, resolve_attention
+from .forward import Paths, PolicyForward, head_transform, resolve_attention, smallest_window
 from .loss import orpo_loss
 from .model import base_causal_lm
 
@@ -143,7 +143,7 @@ def _head_candidates(lm) -> list[str]:
 
 
 def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing: bool = True, device=None,
-           vocab: int | None = None, max_length: int = 1024, say=print) -> Paths:
+           max_length: int = 1024) -> Paths:
     """The fastest path that gives this model's own numbers. ``attention`` other than 'auto' forces
     that mode: if the check rejects it, a :class:`UserError` says why."""
     lm = base_causal_lm(model)
@@ -157,10 +157,8 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
         modes = ["separate"]
     else:
         modes = [first, "mask", "separate"] if first != "mask" else ["mask", "separate"]
-    windows = layer_windows(lm.config)
-    ws = [w for w in (windows.values() if isinstance(windows, dict) else [windows]) if w]
-    vocab = vocab or lm.get_output_embeddings().weight.shape[0]
-    pairs = synthetic_pairs(min(vocab, lm.get_input_embeddings().weight.shape[0]), max_length, min(ws) if ws else None)
+    vocab = min(lm.get_output_embeddings().weight.shape[0], lm.get_input_embeddings().weight.shape[0])
+    pairs = synthetic_pairs(vocab, max_length, smallest_window(lm.config))
     was_training = model.training
     model.eval()  # dropout (if kept) off: both sides must be deterministic
     try:
