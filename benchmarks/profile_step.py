@@ -18,7 +18,8 @@ from orpo.data.prepare import prepare_pairs
 from orpo.forward import PolicyForward
 from orpo.support import decide
 from orpo.loss import orpo_loss
-from orpo.model import lean_activations, load_model, load_tokenizer
+from orpo.lean import lean_activations
+from orpo.model import load_model, load_tokenizer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")

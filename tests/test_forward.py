@@ -183,7 +183,8 @@ def _saved_bytes(fn) -> int:
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_lean_activations_same_numbers_less_memory(chatml_tokenizer, pairs, autocast, lora, device):
     from conftest import make_tiny_llama
-    from orpo.model import add_lora, lean_activations
+    from orpo.lean import lean_activations
+    from orpo.model import add_lora
 
     models = [make_tiny_llama(len(chatml_tokenizer)).to(device) for _ in range(2)]
     changed = lean_activations(models[1])
@@ -227,7 +228,7 @@ def test_lean_activations_same_numbers_less_memory(chatml_tokenizer, pairs, auto
 
 def test_lean_activations_leaves_unknown_mlps_alone(chatml_tokenizer):
     from conftest import make_tiny_llama
-    from orpo.model import lean_activations
+    from orpo.lean import lean_activations
 
     model = make_tiny_llama(len(chatml_tokenizer))
     for layer in model.model.layers:  # a subclass whose forward is not the gated formula: not recomputed by it

@@ -17,6 +17,7 @@ ALLOWED = {
     "loss": set(),
     "attention": set(),
     "model": {"errors", "config"},
+    "lean": {"model"},
     "progress": set(),
     "forward": {"attention", "data", "errors", "loss", "model"},
     "support": {"attention", "data", "errors", "forward", "loss", "model"},
@@ -30,7 +31,7 @@ ALLOWED = {
     "stats": set(),
     "answers": {"data", "stats"},
     "train": {"answers", "checkpoint", "config", "data", "diskio", "errors", "evaluate", "export", "forward", "loss",
-              "model", "optim", "progress", "report", "resume", "runlock", "support"},
+              "lean", "model", "optim", "progress", "report", "resume", "runlock", "support"},
     "export": {"config", "errors", "model"},
     "cli": {"answers", "config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer

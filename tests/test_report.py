@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+import orpo
 from orpo.cli import main
 from orpo.compare import compare_numbers, plot_compare
 from orpo.report import (
@@ -329,3 +330,21 @@ def test_compare_without_data_runs_the_default_recipe_into_its_own_folder(monkey
     assert seen["beta"] == 0.5 and seen["out"] == "runs/compare"  # the recipe's beta, not the default job's folder
     assert main(["compare", "--orpo-beta", "0.2", "--output-dir", "elsewhere"]) == 0
     assert seen["beta"] == 0.2 and seen["out"] == "elsewhere"
+
+
+def test_compare_with_flags_is_the_default_recipe_with_those_flags_changed(monkeypatch, tmp_path):
+    """As for `orpo train`: `orpo compare --data X` trains the default job's recipe with X, not another
+    set of defaults (full fine-tuning, lr 5e-6, max length 1024)."""
+    import orpo.compare as compare
+
+    seen = {}
+    monkeypatch.setattr(compare, "run_compare", lambda base, beta, out: seen.update(base=base, beta=beta, out=out) or
+                        {"kinds": {}, "numbers": {}, "answers": {}, "paired_orpo_minus_sft": {}, "figure": "f.png"})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert main(["compare", "--data", str(data), "--eval-data", str(data), "--max-steps", "5"]) == 0
+    base, job = seen["base"], orpo.default_job()
+    assert base.data == str(data) and base.max_steps == 5
+    assert (base.lora, base.lr, base.batch_size, base.max_length, base.eval_steps) == \
+        (job.lora, job.lr, job.batch_size, job.max_length, job.eval_steps)
+    assert seen["beta"] == job.beta and seen["out"] == "runs/compare" and not base.overwrite

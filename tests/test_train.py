@@ -238,7 +238,7 @@ def test_deepspeed_settings_without_a_dataloader(tiny_model, monkeypatch):
 
     from orpo.config import build
     from orpo.forward import PolicyForward
-    from orpo.train import _configure_deepspeed
+    from orpo.train.engine import configure_deepspeed
 
     registered = []
     fake = types.ModuleType("deepspeed")
@@ -250,7 +250,7 @@ def test_deepspeed_settings_without_a_dataloader(tiny_model, monkeypatch):
         registered.clear()
         ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
         acc = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=ds)))
-        _configure_deepspeed(acc, policy, cfg)
+        configure_deepspeed(acc, policy, cfg)
         assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0.5
         assert len(registered) == expected
         if expected:

@@ -1,25 +1,16 @@
-"""Command line: ``orpo train | eval | export | report | data | generate | chat | compare``. The only module that reads argv.
-
-Every ``TrainConfig`` field is a flag (``max_length`` -> ``--max-length``; booleans also have
-``--no-...``). ``orpo train config.yaml --flag value`` applies defaults, then the YAML, then the flags.
-``orpo train`` without a YAML file runs the default job (``recipes/default.yaml`` in the package) with the
-flags given changed, so ``orpo train --max-steps 20`` is the default job in 20 steps.
-A user mistake prints one line on stderr and exits with status 2; no traceback.
-"""
+"""The argument parser of every command: each ``TrainConfig`` field is a flag (``max_length`` ->
+``--max-length``; booleans also have ``--no-...``), and an unknown flag is one line with the closest
+flag, or the orpo flag for a TRL name."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
-import os
-import shlex
-import sys
 from importlib import resources
 from pathlib import Path
 
-from . import config as C
-from .errors import UserError
+from .. import config as C
+from ..errors import UserError
 
 GROUPS = {
     "model": "model",
@@ -37,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _unknown(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser | None, extra: list[str]) -> None:
+def unknown_flags(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser | None, extra: list[str]) -> None:
     """Every unknown flag at once, each with the closest flag of its own command, or the orpo flag for a TRL
     name (--learning-rate is --lr)."""
     options = _all_options(sub or parser)
@@ -124,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="train a model with ORPO",
         description="Train with ORPO. Without a YAML file it runs the default job (SmolLM2-135M-Instruct, LoRA, "
-        "lr 2e-4, batch 8, max length 256, bf16, on the built-in dataset, a few minutes on a laptop CPU) with the "
+        "lr 1e-4, beta 0.5, batch 8, max length 256, bf16, on the built-in dataset, a few minutes on a laptop CPU) with the "
         "flags given changed; with a YAML file, the file's values over the defaults listed here, then the flags.",
     )
     t.add_argument("config", nargs="?", help="YAML config file; flags given after it override its values")
@@ -163,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _typed(ns: argparse.Namespace, skip: tuple = ("command", "config")) -> dict:
+def typed(ns: argparse.Namespace, skip: tuple = ("command", "config")) -> dict:
     out = {}
     for k, v in vars(ns).items():
         if k in skip:
@@ -172,126 +163,15 @@ def _typed(ns: argparse.Namespace, skip: tuple = ("command", "config")) -> dict:
     return out
 
 
-def default_job_path() -> Path:
-    return Path(str(resources.files("orpo") / "recipes" / "default.yaml"))
+# The options of `orpo eval`: what decides which tokens are scored and how the model is loaded and run.
+EVAL_OPTIONS = {"model", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "beta",
+                "batch_size", "precision", "prompt_in_nll", "trust_remote_code", "allow_pickle", "strict",
+                "prefix_sharing", "packing", "attention", "logits_chunk", "eval_max_rows", "columns", "chat_template",
+                "dataset_num_proc", "model_dtype", "attn_implementation"}
 
+# The tools around training: report, data, generate, chat, compare.
 
-def resume_argv(argv: list[str]) -> list[str]:
-    """The command's arguments without those that only make sense once (--overwrite, --resume, --resume-from)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--overwrite", "--no-overwrite", "--resume", "--no-resume") or a.startswith("--resume-from="):
-            continue
-        elif a == "--resume-from":
-            skip = True
-        else:
-            out.append(a)
-    return out
-
-
-def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
-    from .train import train
-
-    overrides = _typed(ns)
-    yaml_path = ns.config
-    if yaml_path is None:
-        # Flags change the default job; they never fall back to another set of defaults.
-        yaml_path = default_job_path()
-        said = "no arguments, so running the default job" if not argv else "starting from the default job"
-        print(f"orpo: {said} ({yaml_path})", flush=True)
-    cfg = C.build(overrides, yaml_path)
-    result = train(cfg, argv_for_resume=[shlex.quote(a) for a in ["orpo", "train", *resume_argv(argv), "--resume"]])
-    if not result.is_main or result.stopped:
-        return 0
-    print(f"\nmetrics: {result.output_dir / 'metrics.jsonl'}")
-    print(f"model:   {result.model_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
-    if cfg.lora:
-        print(f"adapter: {result.output_dir / 'adapter'}")
-    if result.answers is not None:
-        from .answers import summary_lines
-
-        print("\n".join(summary_lines(result.answers)))
-    return 0
-
-
-def cmd_eval(ns: argparse.Namespace) -> int:
-    from .evaluate import evaluate_model
-
-    values = _typed(ns)
-    data = values.pop("data")
-    cfg = C.build({**values, "eval_data": data})
-    metrics = evaluate_model(cfg)
-    print(json.dumps(metrics))
-    return 0
-
-
-def cmd_export(ns: argparse.Namespace) -> int:
-    from .export import export
-
-    merge = ns.merge or not ns.gguf
-    if ns.verify and not ns.gguf:
-        raise UserError("--verify checks a GGUF; add --gguf")
-    export(ns.src, ns.output, merge=merge, gguf=ns.gguf, gguf_type=ns.gguf_type, verify=ns.verify)
-    return 0
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Where torchao is installed (for --optim), transformers imports it whenever it builds a model, and
-    # it warns about CUDA-only extensions a CPU cannot load (and torch about the enums it registers):
-    # four lines of noise on every run. bitsandbytes does the same on import.
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import datasets
-
-        datasets.utils.logging.disable_progress_bar()
-        datasets.utils.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    ns, extra = parser.parse_known_args(argv)
-    if extra:
-        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-        _unknown(parser, subs.get(ns.command), extra)
-    if ns.command is None:
-        parser.print_help()
-        return 0
-    _quiet_libraries()
-    try:
-        if ns.command == "train":
-            return cmd_train(ns, argv[1:])
-        if ns.command in COMMANDS:
-            return COMMANDS[ns.command](ns)
-    except UserError as e:
-        print(f"orpo: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("orpo: interrupted", file=sys.stderr)
-        return 130
-    parser.print_help()
-    return 2
-
-
-# ------------------------------------------------------------------------------------------------
-# The commands around training: report, data, generate, chat, compare.
-
-_GEN_FLAGS = {"model", "trust_remote_code", "allow_pickle"}
+GEN_FLAGS = {"model", "trust_remote_code", "allow_pickle"}
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -324,7 +204,7 @@ def _add_tool_parsers(sub) -> None:
     g = sub.add_parser("generate", allow_abbrev=False, help="answer a prompt with a model (greedy or sampled)",
                        description="Answer one or more prompts. Chat models get the prompt as a user message through "
                        "their chat template; --raw feeds the text as it is.")
-    add_config_flags(g, only=_GEN_FLAGS)
+    add_config_flags(g, only=GEN_FLAGS)
     g.add_argument("--prompt", action="append", required=True, help="the prompt (repeat for several)")
     g.add_argument("--raw", action="store_true", help="no chat template: continue the text as it is")
     _add_sampling_flags(g, 128)
@@ -332,7 +212,7 @@ def _add_tool_parsers(sub) -> None:
     c = sub.add_parser("chat", allow_abbrev=False, help="talk to a model in the terminal",
                        description="An interactive loop that keeps the conversation and renders it through the chat "
                        "template each turn. /exit or Ctrl-D ends it, /reset clears the history.")
-    add_config_flags(c, only=_GEN_FLAGS)
+    add_config_flags(c, only=GEN_FLAGS)
     _add_sampling_flags(c, 256)
 
     m = sub.add_parser("compare", allow_abbrev=False, help="SFT vs ORPO on held-out pairs (the paper's Figure 3)",
@@ -340,97 +220,14 @@ def _add_tool_parsers(sub) -> None:
                        "data, seed and budget, evaluating both on --eval-data throughout; draw the held-out log-probs of "
                        "chosen and rejected answers on one figure with 95% intervals (OUT/figure3.png, numbers in "
                        "OUT/compare.json) and the paired difference ORPO - SFT on the same held-out pairs. With no "
-                       "--data it runs the default job's recipe on the built-in data. --output-dir defaults to "
-                       "runs/compare, --eval-steps to the config's or 10.")
+                       "--data it runs the default job's recipe on the built-in data; without a YAML file, flags change "
+                       "that recipe, as for orpo train. --output-dir defaults to runs/compare, --eval-steps to the "
+                       "config's or 10.")
     m.add_argument("config", nargs="?", help="YAML config file; flags given after it override its values")
     add_config_flags(m, only={f.name for f in C.fields()} - {"beta"})
     m.add_argument("--orpo-beta", type=float, default=None,
                    help="beta of the ORPO run [default: the config's beta if it sets one, else 0.1]")
 
 
-def cmd_report(ns: argparse.Namespace) -> int:
-    from .report import write_report
-
-    path = write_report(ns.run_dir, ns.output)
-    print(path)
-    return 0
-
-
-def cmd_data(ns: argparse.Namespace) -> int:
-    from .inspect_data import inspect_command
-
-    values = _typed(ns, skip=("command", "config", "data", "examples", "color", "json"))
-    cfg = C.build(values)
-    if ns.examples < 0:
-        raise UserError(f"--examples must be >= 0; got {ns.examples}")
-    print(inspect_command(cfg, ns.data, ns.examples, ns.color, ns.json))
-    return 0
-
-
-def _gen_cfg(ns: argparse.Namespace) -> C.TrainConfig:
-    keep = {k: v for k, v in vars(ns).items() if k in _GEN_FLAGS}
-    return C.build(_typed(argparse.Namespace(**keep)))
-
-
-def cmd_generate(ns: argparse.Namespace) -> int:
-    from .chat import generate_text, load_for_generation
-
-    cfg = _gen_cfg(ns)
-    model, tok, device = load_for_generation(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
-    answers = generate_text(model, tok, ns.prompt, ns.system, ns.raw, ns.max_new_tokens, ns.temperature, ns.top_p,
-                            ns.seed, device)
-    for i, a in enumerate(answers):
-        if len(answers) > 1:
-            print(f"--- {i + 1}: {ns.prompt[i]}")
-        print(a)
-    return 0
-
-
-def cmd_chat(ns: argparse.Namespace) -> int:
-    from .chat import ChatSession, _seed, chat_loop, load_for_generation
-
-    cfg = _gen_cfg(ns)
-    model, tok, device = load_for_generation(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
-    _seed(ns.seed)
-    session = ChatSession(model, tok, ns.system, ns.max_new_tokens, ns.temperature, ns.top_p, device)
-    return chat_loop(session)
-
-
-def cmd_compare(ns: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from .compare import DEFAULT_EVAL_STEPS, DEFAULT_OUT, format_numbers, run_compare
-
-    overrides = _typed(ns, skip=("command", "config", "orpo_beta"))
-    config = ns.config
-    if config is None and "data" not in overrides:  # the built-in data: the default job's recipe, twice
-        config = default_job_path()
-        print(f"orpo compare: no --data, so comparing SFT and ORPO on the default job ({config})", flush=True)
-    base = C.build(overrides, config)
-    yaml_keys = set(C.load_yaml(config)) if config else set()
-    if config is not ns.config:  # not the default job's own folder, nor its overwrite: runs/compare, reused when finished
-        yaml_keys -= {"output_dir"}
-        base = replace(base, overwrite=bool(overrides.get("overwrite", False)))
-    orpo_beta = ns.orpo_beta if ns.orpo_beta is not None else (base.beta if "beta" in yaml_keys else 0.1)
-    out = base.output_dir if ("output_dir" in overrides or "output_dir" in yaml_keys) else DEFAULT_OUT
-    if "eval_steps" not in overrides and "eval_steps" not in yaml_keys:
-        base = replace(base, eval_steps=DEFAULT_EVAL_STEPS)
-    result = run_compare(base, orpo_beta, out)
-    print("\n" + format_numbers(result))
-    print(f"\nfigure:  {result['figure']}\nnumbers: {Path(out) / 'compare.json'}")
-    return 0
-
-
-# The options of `orpo eval`: what decides which tokens are scored and how the model is loaded and run.
-EVAL_OPTIONS = {"model", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "beta",
-                "batch_size", "precision", "prompt_in_nll", "trust_remote_code", "allow_pickle", "strict",
-                "prefix_sharing", "packing", "attention", "logits_chunk", "eval_max_rows", "columns", "chat_template",
-                "dataset_num_proc", "model_dtype", "attn_implementation"}
-
-# Every command but train (which also needs its argv, to print the command that resumes it).
-COMMANDS = {"eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data,
-            "generate": cmd_generate, "chat": cmd_chat, "compare": cmd_compare}
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def default_job_path() -> Path:
+    return Path(str(resources.files("orpo") / "recipes" / "default.yaml"))
