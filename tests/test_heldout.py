@@ -64,6 +64,22 @@ def test_builtin_pairs_say_which_kind_of_rejected_answer_they_hold():
     assert rejected_kind("data.jsonl:3") is None and rejected_kind("data.jsonl: row 3") is None
 
 
+def test_a_wrong_capital_is_the_plausible_mistake_not_another_countrys_capital():
+    """The wrong answer to "What is the capital of Canada?" is Toronto (a city of Canada that is not its
+    capital), in training and held out: "Paris" would teach the odds-ratio term nothing."""
+    from orpo.data.builtin import CAPITALS, NOT_CAPITAL
+
+    capitals = dict(CAPITALS)
+    seen = 0
+    for p in builtin_pairs() + heldout_pairs():
+        if ":capital:" in p.where and rejected_kind(p.where) == "wrong":
+            country = next(c for c in capitals if p.prompt[-1]["content"].endswith(f" {c}?"))
+            assert p.rejected[-1]["content"] == NOT_CAPITAL[country] != capitals[country]
+            seen += 1
+    assert seen >= 2 * len(CAPITALS)  # two wordings of every question, each against one wrong answer
+    assert set(NOT_CAPITAL) == set(capitals) and not set(NOT_CAPITAL.values()) & set(capitals.values())
+
+
 def test_the_kind_survives_tokenization(chatml_tokenizer):
     """The training loop's held-out store names pair i by its row; the kind is found from that."""
     from orpo.data.builtin import HELDOUT_LABEL

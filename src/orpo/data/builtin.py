@@ -32,6 +32,21 @@ CAPITALS = [
     ("Australia", "Canberra"), ("India", "New Delhi"), ("the Netherlands", "Amsterdam"), ("Czechia", "Prague"),
     ("Colombia", "Bogota"), ("Vietnam", "Hanoi"), ("Indonesia", "Jakarta"), ("Ukraine", "Kyiv"), ("Iran", "Tehran"),
 ]
+# The plausible mistake for each capital: a large or famous city of the same country that is not its
+# capital (small models answer "Toronto" for Canada and "Sydney" for Australia). Wrong answers to a
+# capital question are these, not another country's capital ("Paris" for Canada), which no model
+# confuses: a rejected answer teaches the odds-ratio term something only when it is a likely one.
+NOT_CAPITAL = {
+    "France": "Marseille", "Germany": "Munich", "Italy": "Milan", "Spain": "Barcelona", "Japan": "Osaka",
+    "China": "Shanghai", "Russia": "Saint Petersburg", "Egypt": "Alexandria", "Greece": "Thessaloniki",
+    "Portugal": "Porto", "Austria": "Salzburg", "Poland": "Krakow", "Ireland": "Cork", "Norway": "Bergen",
+    "Sweden": "Gothenburg", "Finland": "Turku", "Denmark": "Aarhus", "Belgium": "Antwerp", "Hungary": "Debrecen",
+    "Argentina": "Cordoba", "Peru": "Cusco", "Chile": "Valparaiso", "Mexico": "Guadalajara", "Canada": "Toronto",
+    "Thailand": "Chiang Mai", "South Korea": "Busan", "Kenya": "Mombasa", "Cuba": "Varadero", "Iceland": "Akureyri",
+    "the United Kingdom": "Manchester", "Turkey": "Istanbul", "Australia": "Sydney", "India": "Mumbai",
+    "the Netherlands": "Rotterdam", "Czechia": "Brno", "Colombia": "Medellin", "Vietnam": "Ho Chi Minh City",
+    "Indonesia": "Surabaya", "Ukraine": "Odesa", "Iran": "Isfahan",
+}
 ANTONYMS = [
     ("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
     ("open", "closed"), ("early", "late"), ("full", "empty"), ("hard", "soft"), ("old", "new"), ("rich", "poor"),
@@ -74,11 +89,10 @@ def _held_out(key: str, share: float = 0.2) -> bool:
 def _questions() -> list[tuple[str, str, str, list[str], str]]:
     """(family, item key, question, wrong answers, verbose sentence with the right answer) + answer."""
     qs = []
-    cap_names = [c for _, c in CAPITALS]
     for country, capital in CAPITALS:
         for q in (f"What is the capital of {country}?", f"Which city is the capital of {country}?"):
             verbose = f"The capital of {country} is {capital}."
-            qs.append(("capital", country, q, [c for c in cap_names if c != capital], verbose, capital))
+            qs.append(("capital", country, q, [NOT_CAPITAL[country]], verbose, capital))
     ant_words = sorted({w for pair in ANTONYMS for w in pair})
     for word, opposite in ANTONYMS:
         for q in (f"What is the opposite of '{word}'?", f"Give the antonym of the word '{word}'."):
