@@ -31,7 +31,7 @@ def __getattr__(name):
 
 
 class _Package(_types.ModuleType):
-    """``orpo.train`` and ``orpo.evaluate`` are the API's functions, though ``orpo/train.py`` and
+    """``orpo.train`` and ``orpo.evaluate`` are the API's functions, though ``orpo/train/`` and
     ``orpo/evaluate.py`` are modules too: importing a submodule sets the package attribute of its name,
     which would replace the function the first time the module is imported. ``from orpo.train import X``
     still reaches the module (through sys.modules)."""

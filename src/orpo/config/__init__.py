@@ -1,7 +1,7 @@
 """The run's configuration: one typed dataclass that is the schema, the CLI and the documentation at once.
 
 Precedence, lowest to highest: the defaults of ``TrainConfig``, then a YAML file, then command-line flags
-(``orpo train`` without a YAML file starts from the default job's recipe in its place; see cli.py). TRL's
+(``orpo train`` without a YAML file starts from the default job's recipe in its place; see cli/__init__.py). TRL's
 names for the same options are read too (``trl_names.py``). The resolved result is written to
 ``OUT/config.yaml`` and can be fed back in unchanged. This package imports no torch.
 """
