@@ -13,20 +13,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from orpo.data.builtin import CAPITALS, heldout_questions  # noqa: E402
 from orpo.model import load_model, load_tokenizer, resolve_model  # noqa: E402
+from wrong_tokens import token_logps  # noqa: E402  (benchmarks/, this script's folder)
 
 
 def answer_logp(model, tok, prompt_ids: list[int], answer: str) -> float:
-    ids = tok(answer, add_special_tokens=False)["input_ids"]
-    x = torch.tensor([prompt_ids + ids])
-    with torch.no_grad():
-        lp = model(x).logits[0, :-1].float().log_softmax(-1)
-    return sum(lp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(ids))
+    return float(token_logps(model, prompt_ids, tok(answer, add_special_tokens=False)["input_ids"]).sum())
 
 
 def main(runs: list[str]) -> None:

@@ -6,6 +6,9 @@ import gzip
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +158,17 @@ requires_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir() and os.environ.get("ORPO_REQUIRE_INTEGRATION") != "1",
     reason="../shared/data not present",
 )
+
+
+def sigterm_after_rows(cmd: list[str], out: Path, env: dict, rows: int = 3) -> tuple[str, str]:
+    """Start a training command, send SIGTERM once OUT/metrics.jsonl holds ``rows`` rows, and return its
+    (stdout, stderr) after it has exited cleanly (status 0)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < rows:
+        time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    return stdout, stderr

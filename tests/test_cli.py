@@ -4,16 +4,15 @@ import importlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
 import pytest
 
 import orpo
+from conftest import sigterm_after_rows
 from orpo import config as C
 from orpo.cli import main, resume_argv
 
@@ -84,14 +83,7 @@ def test_printed_resume_command_works_after_sigterm(tmp_path, tiny_model_dir, co
     cmd = [sys.executable, "-m", "orpo", "train", *[str(a) for a in common]]
     ref, out = tmp_path / "ref", tmp_path / "run"
     subprocess.run(cmd + ["--output-dir", str(ref)], env=env(), check=True, capture_output=True)
-    proc = subprocess.Popen(cmd + ["--output-dir", str(out)], env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    stdout, _ = sigterm_after_rows(cmd + ["--output-dir", str(out)], out, env())
     printed = stdout.split("Resume with:\n", 1)[1].splitlines()[0].strip()
     args = shlex.split(printed)
     assert args[:2] == ["orpo", "train"] and args[-1] == "--resume"

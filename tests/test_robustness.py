@@ -3,7 +3,6 @@
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sigterm_after_rows
 from orpo.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -145,14 +145,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, tiny_mode
     ref = tmp_path / "ref"
     subprocess.run(orpo_cmd(*common, "--output-dir", ref), env=env(), check=True, capture_output=True)
     out = tmp_path / "run"
-    proc = subprocess.Popen(orpo_cmd(*common, "--output-dir", out), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    stdout, _ = sigterm_after_rows(orpo_cmd(*common, "--output-dir", out), out, env())
     assert "Resume with:" in stdout and "--resume" in stdout
     ckpts = sorted((out / "checkpoints").iterdir())
     assert len(ckpts) == 1

@@ -13,13 +13,12 @@ and of held-out content accuracy over the same questions (from ``samples.jsonl``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..data.builtin import rejected_kind
-from ..report.runs import read_pair_values
+from ..report.runs import read_json, read_pair_values, read_samples
 from ..stats import bootstrap_mean_ci, paired_difference
 
 ALL = "all pairs"
@@ -85,25 +84,13 @@ def paired_differences(sft: str | Path, orpo: str | Path) -> dict:
 
 def _content_after(folder: str | Path) -> dict[str, float]:
     """{question: 1.0 if the trained model's answer was right in content} from ``samples.jsonl``."""
-    p = Path(folder) / "samples.jsonl"
-    out = {}
-    if p.is_file():
-        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict) and isinstance(r.get("content_after"), bool):
-                out[str(r.get("prompt"))] = float(r["content_after"])
-    return out
+    return {str(r.get("prompt")): float(r["content_after"]) for r in read_samples(Path(folder) / "samples.jsonl")
+            if isinstance(r.get("content_after"), bool)}
 
 
 def answer_numbers(folder: str | Path) -> dict | None:
     """The run's held-out answer summary (``summary.json``'s ``answers``), if it has one."""
-    try:
-        s = json.loads((Path(folder) / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    s = read_json(Path(folder) / "summary.json")
     return s.get("answers") if isinstance(s, dict) and isinstance(s.get("answers"), dict) else None
 
 

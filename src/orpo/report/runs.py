@@ -64,11 +64,26 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict], int]:
     return rows, sorted(evals.values(), key=lambda r: r["step"]), bad
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """The file's JSON value, or None when it is missing or unreadable (a run still being written)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The rows of a run's samples.jsonl (none if it is missing); a line cut short is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict):
+                rows.append(r)
+    return rows
 
 
 def load_run(out: str | Path) -> Run:
@@ -91,19 +106,11 @@ def load_run(out: str | Path) -> Run:
                 run.config = parsed if isinstance(parsed, dict) else None
             except Exception:  # a half-written file or no PyYAML: the raw text is shown instead
                 run.config = None
-    dc = _read_json(out / "data_counts.json")
+    dc = read_json(out / "data_counts.json")
     run.data_counts = dc if isinstance(dc, dict) else None
-    sm = _read_json(out / "summary.json")
+    sm = read_json(out / "summary.json")
     run.summary = sm if isinstance(sm, dict) else None
-    sp = out / "samples.jsonl"
-    if sp.is_file():
-        for line in sp.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict):
-                run.samples.append(r)
+    run.samples.extend(read_samples(out / "samples.jsonl"))
     return run
 
 
