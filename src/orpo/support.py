@@ -48,12 +48,17 @@ _MIXER_MODELS = {"lfm2": "a short convolution", "lfm2_moe": "a short convolution
 
 
 def token_mixer(config) -> str | None:
-    """What, besides attention, mixes tokens in this model's layers, if a name says so."""
+    """What, besides attention, mixes tokens in this model's layers, if a name says so. The model type
+    is asked first: transformers labels Jamba's and Granite-4.0-H's Mamba layers "linear_attention" in
+    ``layer_types``, which would name the wrong mechanism in the line the user reads."""
+    known = _MIXER_MODELS.get(getattr(config, "model_type", ""))
+    if known is not None:
+        return known
     for t in getattr(config, "layer_types", None) or []:
         for kind, words in _MIXER_LAYERS.items():
             if kind in str(t):
                 return words
-    return _MIXER_MODELS.get(getattr(config, "model_type", ""))
+    return None
 
 
 def synthetic_pairs(vocab: int, max_length: int, window: int | None, seed: int = 0) -> list[TokenizedPair]:
