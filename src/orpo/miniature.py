@@ -82,22 +82,29 @@ def shrink_config(config):
         elif "layer" in name and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             setattr(cfg, name, type(value)(v for v in value if v < n))  # layer indices
     cfg.num_hidden_layers = n
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    names = getattr(cfg, "attribute_map", {}) or {}  # GPT-2: n_head for num_attention_heads, ...
+    stored = vars(cfg)  # read past per-layer attributes (Gemma-4's head_dim raises on the config)
+    own = {**stored, **{k: stored[v] for k, v in names.items() if v in stored}}
+    heads = int(own["num_attention_heads"])
+    kv = int(own.get("num_key_value_heads") or heads)
     new_kv = min(kv, 2)
     new_heads = new_kv * min(max(heads // kv, 1), 2)
     cfg.num_attention_heads = new_heads
-    if getattr(cfg, "num_key_value_heads", None) is not None:
+    if own.get("num_key_value_heads") is not None:
         cfg.num_key_value_heads = new_kv
-    if getattr(cfg, "head_dim", None) is not None:
-        cfg.head_dim = HEAD_DIM
-    cfg.hidden_size = new_heads * HEAD_DIM
-    for name, value in _SIZES.items():
-        if isinstance(getattr(cfg, name, None), int):
+    sizes = dict(_SIZES, head_dim=HEAD_DIM, hidden_size=new_heads * HEAD_DIM, vocab_size_per_layer_input=VOCAB,
+                 hidden_size_per_layer_input=HEAD_DIM)
+    for name, value in sizes.items():
+        if isinstance(own.get(name), int):
             setattr(cfg, name, value)
     for name, cap in _CAPS.items():
-        if isinstance(getattr(cfg, name, None), int):
-            setattr(cfg, name, min(getattr(cfg, name), cap))
+        if isinstance(own.get(name), int):
+            setattr(cfg, name, min(own[name], cap))
+    spec = own.get("_heterogeneity_spec")
+    if spec is not None:  # per-layer values: the layers kept, sizes shrunk (twice the base: still unlike it)
+        spec.per_layer_overrides = {i: {k: (2 * sizes[k] if k in sizes and isinstance(v, int) else v)
+                                        for k, v in o.items()}
+                                    for i, o in spec.per_layer_overrides.items() if i < n}
     cfg.vocab_size = min(int(cfg.vocab_size), VOCAB)
     for name, value in list(vars(cfg).items()):  # special tokens beyond the small vocabulary
         if name.endswith(("token_id", "token_index")) and isinstance(value, int) and value >= cfg.vocab_size:

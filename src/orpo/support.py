@@ -214,6 +214,16 @@ def _low_dtype(model, amp, weights=None):
     return (torch.float16 if torch.float16 in low else torch.bfloat16) if low else None
 
 
+def real_tolerances(model, amp) -> tuple[float, float]:
+    """(log-prob, gradient) tolerances for the real model against its own forward at the run's precision:
+    fp32's, or multiples of the lowest precision's unit roundoff."""
+    low = _low_dtype(model, amp)
+    if low is None:
+        return LOGP_TOL, GRAD_TOL
+    u = torch.finfo(low).eps / 2
+    return LOWP_LOGP_U * u, LOWP_GRAD_U * u
+
+
 class _Stage:
     """One model at one precision on its pairs: ``check(paths)`` is None or why the path differs there.
     ``twin``: an fp32 stage of the same model (the miniature), whose reference the path is held to."""
@@ -342,12 +352,9 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
             except Exception as e:  # a config the miniature cannot copy: the real model is checked instead
                 notes.append(f"no miniature ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
         if real:
-            low = _low_dtype(model, amp)
-            u = torch.finfo(low).eps / 2 if low is not None else None
-            tol = (LOWP_LOGP_U * u, LOWP_GRAD_U * u) if u else (LOGP_TOL, GRAD_TOL)
             # short pairs, unless no miniature reached the windows: then the real model must
             stages.append(_Stage("", model, synthetic_pairs(_vocab(lm), None if stages else span),
-                                 _checked_params(model), amp, tol=tol))
+                                 _checked_params(model), amp, tol=real_tolerances(model, amp)))
         rejected = {}
         if not stages:  # nothing can run here: only the model's own forward, exact by construction
             if forced and first != "separate":
