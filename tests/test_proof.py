@@ -103,6 +103,14 @@ def test_the_check_runs_with_the_adapters_in_train_mode_and_dropout_put_back():
     assert drops and all(p == 0.5 for p in drops)
 
 
+def test_router_jitter_is_off_for_the_check_and_put_back():
+    """Mixtral's router jitter is random in train mode, like dropout: off for the check, then back."""
+    model = _tiny("mixtral", num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.1)
+    assert support.decide(model, max_length=64).attention == "blocks"
+    jitter = [m.jitter_noise for m in model.modules() if hasattr(m, "jitter_noise")]
+    assert jitter and all(j == 0.1 for j in jitter)
+
+
 def test_the_miniature_carries_the_adapters():
     model = add_lora(make_tiny_llama(400), 8, 16, 0.05, "q_proj,v_proj")
     mini = miniature.build(model, "cpu")
@@ -280,3 +288,21 @@ def test_choose_paths_does_not_move_a_sharded_model():
     assert "miniature only" in paths.line()
     support.choose_paths(model, cfg, torch.device("cpu", 0), lines.append, sharded=False)
     assert moved  # unsharded, the engine's device is where the model goes (and the test can fail)
+
+
+def test_orpo_train_with_a_lora_head_trains_it(tmp_path, tiny_model_dir, plain_file, capsys):
+    """Through the entry point: the check runs after LoRA is attached, so the head's adapter is trained."""
+    from safetensors.torch import load_file
+
+    from orpo.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
+               "--max-steps", "3", "--lora", "--lora-r", "4", "--lora-target", "q_proj,v_proj,lm_head",
+               "--lr", "1e-2", "--precision", "bf16"])
+    assert rc == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(("attention:", "fallback:")))
+    assert "chunked lm-head" not in line, line
+    weights = load_file(next((out / "adapter").glob("*.safetensors")))
+    head_b = [v for k, v in weights.items() if "lm_head" in k and "lora_B" in k]
+    assert head_b and all(float(v.abs().max()) > 0 for v in head_b)

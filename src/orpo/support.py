@@ -43,7 +43,7 @@ from .data.templates import TokenizedPair
 from .errors import UserError
 from .forward import Paths, PolicyForward, head_transform, resolve_attention
 from .loss import orpo_loss
-from .model import _DROPOUT_ATTRS as DROPOUT_ATTRS
+from .model import _DROPOUT_ATTRS
 from .model import base_causal_lm
 
 # Per-token log-probs may differ by this (absolute, plus relative) in fp32: SDPA over blocks and the
@@ -267,10 +267,14 @@ def _partitioned(model) -> bool:
     return any(hasattr(p, "ds_id") or p.numel() == 0 or p.device.type == "meta" for p in model.parameters())
 
 
+# random in train mode besides dropout: MoE routers' jitter (Mixtral's router_jitter_noise)
+_NOISE_ATTRS = _DROPOUT_ATTRS + ("router_jitter_noise", "jitter_noise")
+
+
 class _QuietDropout:
     """Train mode with every dropout rate 0 for the check (both sides deterministic and alike), all put
     back afterwards: ``nn.Dropout`` modules (LoRA's ``lora_dropout`` among them) and the float rates that
-    attention layers read at each call (``attention_dropout`` and kin, on modules and configs)."""
+    layers read at each call (``attention_dropout`` and kin, router jitter; on modules and configs)."""
 
     def __init__(self, *models):
         self.models, self.saved, self.modes = models, [], []
@@ -284,7 +288,7 @@ class _QuietDropout:
                     self.saved.append((module, "p", module.p))
                     module.p = 0.0
                 for obj in (module, getattr(module, "config", None)):
-                    for name in DROPOUT_ATTRS:
+                    for name in _NOISE_ATTRS:
                         value = getattr(obj, name, None) if obj is not None else None
                         if isinstance(value, float) and value != 0.0:
                             self.saved.append((obj, name, value))
