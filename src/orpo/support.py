@@ -168,6 +168,8 @@ def run_pairs(model, paths: Paths | None, pairs, params, amp=None):
 
 
 def _rel(grads, ref) -> float:
+    """One relative L2 error over all compared weights: a key bias, say, has a zero gradient in exact
+    arithmetic, and its rounding noise alone must not reject a path."""
     g = [x.flatten() for x in grads if x is not None]
     r = [x.flatten() for x in ref if x is not None]
     if not r:
@@ -193,8 +195,6 @@ def verdict(cand, ref, floor=None, tol=(LOGP_TOL, GRAD_TOL)) -> str | None:
         if rel > tol[1]:
             return f"gradient off by {rel:.2g} (relative)"
         return None
-    # the gradient of one sequence per row (a key bias, say) can be zero in exact arithmetic; one
-    # relative error over all weights keeps rounding noise from rejecting a path
     noise, noise_rel = (floor[0] - rlp).abs(), _rel(floor[1], rgr)
     if float(d.max()) > NOISE_X * float(noise.max()) + LOGP_TOL * (1 + float(rlp.abs().max())):
         return f"log-probs off by up to {float(d.max()):.2g} (own forward at this precision: {float(noise.max()):.2g})"
