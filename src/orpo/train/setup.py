@@ -1,8 +1,9 @@
 """Set-up of a run, in the order that loses least when something is wrong: the output folder, the
 trackers and the optimizer's package are checked, and every data row read and checked, before the
-model loads; then the tokenizer, the model and the fast paths proven for it, LoRA, the optimizer and
-its schedule; then the checkpoint to resume from, if any. Only after all of that does ``--overwrite``
-remove an old run's files, so a mistake in the new command never costs the old run."""
+model loads; then the tokenizer, the model, LoRA, the fast paths proven for the model as it will
+train, the optimizer and its schedule; then the checkpoint to resume from, if any. Only after all of
+that does ``--overwrite`` remove an old run's files, so a mistake in the new command never costs the
+old run."""
 
 from __future__ import annotations
 
@@ -182,7 +183,6 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
         apply_liger(model)
     if not cfg.keep_dropout:
         disable_dropout(model)
-    paths = choose_paths(model, cfg, device, say)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     elif (cfg.lean_activations if cfg.lean_activations is not None else device.type == "cpu") \
@@ -191,6 +191,9 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     model.config.use_cache = False
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+    # the fast paths are proven on the model as it will train: adapters attached, train mode, the run's
+    # dtypes; sharded, the model is not moved to one device (docs/proof.md)
+    paths = choose_paths(model, cfg, device, say, sharded=engine.sharded)
     if cfg.compile:
         compile_layers(model)
     trainable, total = count_parameters(model)
