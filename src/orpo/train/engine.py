@@ -51,7 +51,7 @@ class Engine:
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self.autocast = acc.autocast
-        if multi_cpu and any(os.environ.get(v, "false").lower() == "true"
+        if multi_cpu and not self.sharded and any(os.environ.get(v, "false").lower() == "true"
                              for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
             self.say("note: FSDP and DeepSpeed need GPUs; on CPUs this runs as plain data parallel (gloo), same maths")
 
@@ -121,7 +121,14 @@ class Engine:
         if not self.sharded:
             return None
         state = self.accelerator.get_state_dict(policy)
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        # A tied weight (the lm-head sharing the embeddings) comes back under both names as two tensors,
+        # so save_pretrained cannot see the tie and would write it twice: keep the first name only.
+        first: dict[int, str] = {}
+        for name, p in self.unwrap(policy).model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name and first[id(p)] in state:
+                state.pop(name, None)
+        return state
 
     # --- logging and the end -----------------------------------------------------------------------
 
