@@ -10,9 +10,9 @@ These hooks put the engine back, so the rest of the run is the code a GPU run ta
   it starts DeepSpeed, which runs on its CPU accelerator.
 
 Test hooks besides: ``REPORT_DIR`` receives rank<N>.json (the engine Accelerate ended up with, and how
-much of the weights each process holds); ``NAN_LOSS`` / ``NAN_GRAD`` = ``STEP:RANK`` make that
-process's log-probs (hence its loss), or only their gradient, NaN in the training forwards of that
-optimizer step (1-based).
+much of the weights each process holds); ``NAN_LOSS`` / ``NAN_GRAD`` = ``STEP:RANK`` (or
+``STEP:RANK:MICRO``) make that process's log-probs (hence its loss), or only their gradient, NaN in the
+training forwards of that optimizer step (or only its MICRO-th micro-batch; all 1-based).
 """
 
 import importlib
@@ -31,7 +31,7 @@ loop = importlib.import_module("orpo.train.loop")
 
 ENGINE = os.environ.get("ORPO_TEST_ENGINE", "")
 RANK = int(os.environ.get("RANK", "0"))
-current = {"step": 0}
+current = {"step": 0, "micro": 0}
 
 
 def force_fsdp():
@@ -87,15 +87,20 @@ def inject_nan():
     at = {k: tuple(int(x) for x in os.environ[k].split(":")) for k in ("NAN_LOSS", "NAN_GRAD") if os.environ.get(k)}
 
     def train_step(run, step):
-        current["step"] = step + 1
+        current["step"], current["micro"] = step + 1, 0
         return real_step(run, step)
+
+    def hit(key):
+        spec = at.get(key)
+        return spec is not None and spec[:2] == (current["step"], RANK) and spec[2:] in ((), (current["micro"],))
 
     def forward(self, batch):
         logps = real_forward(self, batch)
-        if torch.is_grad_enabled():
-            if at.get("NAN_LOSS") == (current["step"], RANK):
+        if torch.is_grad_enabled() and current["step"]:
+            current["micro"] += 1
+            if hit("NAN_LOSS"):
                 logps = logps * float("nan")
-            if at.get("NAN_GRAD") == (current["step"], RANK) and logps.requires_grad:
+            if hit("NAN_GRAD") and logps.requires_grad:
                 logps.register_hook(lambda g: g * float("nan"))
         return logps
 
