@@ -121,6 +121,8 @@ class Engine:
             return self.deepspeed_norm()
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         norm = self.accelerator.clip_grad_norm_(policy.parameters(), limit)
+        if norm is None:  # (no engine of ours returns none; a NaN would read as a skipped step)
+            return torch.tensor(float("nan"), device=self.device, dtype=torch.float64), False
         return torch.as_tensor(norm, device=self.device, dtype=torch.float64), True
 
     def deepspeed_norm(self) -> tuple[torch.Tensor, bool]:
