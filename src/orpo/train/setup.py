@@ -190,7 +190,7 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
         lean_activations(model)
     model.config.use_cache = False
     if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, say)
     if cfg.compile:
         compile_layers(model)
     trainable, total = count_parameters(model)
