@@ -20,6 +20,7 @@ ALLOWED = {
     "lora_targets": set(),
     "lean": {"model"},
     "progress": set(),
+    "router": {"errors", "model"},
     "forward": {"attention", "data", "errors", "loss", "model"},
     "support": {"attention", "data", "errors", "forward", "loss", "model"},
     "diskio": {"errors"},
@@ -32,7 +33,7 @@ ALLOWED = {
     "stats": set(),
     "answers": {"data", "stats"},
     "train": {"answers", "checkpoint", "config", "data", "diskio", "errors", "evaluate", "export", "forward", "loss",
-              "lean", "model", "optim", "progress", "report", "resume", "runlock", "support"},
+              "lean", "model", "optim", "progress", "report", "resume", "router", "runlock", "support"},
     "export": {"config", "errors", "model"},
     "cli": {"answers", "config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer

@@ -14,6 +14,7 @@ Whatever differs between one process, DDP, FSDP and DeepSpeed is in engine.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from .. import diskio, resume, runlock
 from ..config import TrainConfig
 from ..errors import UserError
 from ..evaluate import evaluate_pairs, lockstep_batches, write_pair_values
-from ..loss import metric_vector, orpo_loss, summarize
+from ..loss import METRIC_SIZE, metric_vector, orpo_loss, summarize
 from ..progress import Progress
 from ..report import write_report_safe
 from .engine import Engine
@@ -157,7 +158,7 @@ def train_step(run: Run, step: int) -> StepResult:
     step_idx = run.plan.step_pairs(step)
     nll_norm = float(run.train_pairs.nll_tokens(step_idx, cfg.prompt_in_nll))
     pair_norm = float(len(step_idx))
-    vec = torch.zeros(12, dtype=torch.float64, device=engine.device)
+    vec = torch.zeros(METRIC_SIZE, dtype=torch.float64, device=engine.device)
     for m, idx in enumerate(micro):
         weight = 1.0
         if len(idx) == 0:  # a short last step: keep every process in lockstep, add nothing
@@ -165,9 +166,11 @@ def train_step(run: Run, step: int) -> StepResult:
         batch = run.forward.collate([run.train_pairs[i] for i in idx], cfg.prompt_in_nll, run.pad_id).to(engine.device)
         last = m == len(micro) - 1
         with engine.accumulating(run.policy, last):
-            with engine.autocast():
+            with engine.autocast(), (run.router.recording() if run.router else contextlib.nullcontext()):
                 logps = run.policy(batch)
             part = orpo_loss(logps, batch.pair, batch.kind, batch.n_pairs, cfg.beta, cfg.prompt_in_nll, nll_norm, pair_norm)
+            if run.router is not None:  # the MoE router's load-balancing loss (orpo.router)
+                part = run.router.add(part, batch, pair_norm)
             engine.backward(part.loss * weight, last)
         if weight:
             vec += metric_vector(part, batch.n_pairs)
