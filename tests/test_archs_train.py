@@ -86,7 +86,8 @@ class _Toy(nn.Module):
         super().__init__()
         experts = nn.Module()
         experts.gate_up_proj = nn.Parameter(torch.zeros(4, 8, 16))
-        self.decoder = nn.ModuleDict(dict(mixer=_Fused(), mlp=nn.Linear(8, 8), experts=experts, conv=nn.Conv1d(8, 8, 3)))
+        self.decoder = nn.ModuleDict(dict(mixer=_Fused(), mlp=nn.Linear(8, 8), experts=experts,
+                                          conv=nn.Conv1d(8, 8, 3)))
         self.head = nn.Linear(8, 5)
         self.vision = nn.ModuleDict(dict(proj=nn.Linear(8, 8), patches=nn.Module()))
         self.vision.patches.w = nn.Parameter(torch.zeros(2, 2, 2))

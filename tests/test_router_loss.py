@@ -14,7 +14,8 @@ from orpo.loss import metric_vector, orpo_loss, summarize
 from orpo.router import RouterLoss, router_loss_coef, token_weights
 
 from archs import build
-from test_parity_trl import BETA, LONG_ROWS, RTOL, grad_rel, grads, make_trainer, pairs_from_trl, rel, trl_batch, trl_rows
+from test_parity_trl import (BETA, LONG_ROWS, RTOL, grad_rel, grads, make_trainer, pairs_from_trl, rel, trl_batch,
+                             trl_rows)
 
 COEF = 0.5  # large, so that a wrong router loss cannot hide in the ORPO loss's rounding
 
@@ -50,7 +51,8 @@ def test_router_loss_equals_trls(tmp_path, chatml_tokenizer, name, sharing, pack
     our_model.zero_grad()
     with router.recording():
         logps = policy(ours)
-    part = orpo_loss(logps, ours.pair, ours.kind, ours.n_pairs, BETA, True, float(sum(nll_tokens(p, True) for p in pairs)), n)
+    nll_norm = float(sum(nll_tokens(p, True) for p in pairs))
+    part = orpo_loss(logps, ours.pair, ours.kind, ours.n_pairs, BETA, True, nll_norm, n)
     without = part.loss.detach().clone()
     part = router.add(part, ours, float(n))
     part.loss.backward()

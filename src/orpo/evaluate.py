@@ -21,7 +21,8 @@ import torch
 
 from .data.batching import nll_tokens
 from .data.templates import TokenizedPair
-from .loss import KIND_CHOSEN, KIND_PROMPT, METRIC_SIZE, metric_vector, odds_ratio_loss, orpo_loss, sequence_logps, summarize
+from .loss import (KIND_CHOSEN, KIND_PROMPT, METRIC_SIZE, metric_vector, odds_ratio_loss, orpo_loss, sequence_logps,
+                   summarize)
 from .stats import bootstrap_mean_ci, bootstrap_ratio_ci
 
 

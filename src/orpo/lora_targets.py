@@ -14,9 +14,9 @@ resolved before peft sees it:
   adapter there would never be seen by the forward, so it would silently not train;
 - skipped, fused experts: MoE expert weights held as 3-D parameters (``experts.gate_up_proj``), which
   peft adapts only without dropout and which are no linear modules;
-- skipped, renamed: on Qwen2-MoE-like models peft rewrites the names ``gate_proj``, ``up_proj``,
-  ``down_proj`` to the fused experts (its conversion of transformers-4 adapters), so a shared expert or
-  dense MLP of that name cannot be targeted;
+- skipped, renamed: on the MoE families peft converts (Qwen3-MoE, Qwen3-Next, DeepSeek-V3, ...) it
+  rewrites the names ``gate_proj``, ``up_proj``, ``down_proj`` to the fused experts (its conversion of
+  transformers-4 adapters), so a shared expert or dense MLP of that name cannot be targeted;
 - skipped, outside the decoder: a vision tower or projector, which orpo keeps frozen.
 """
 
@@ -78,16 +78,18 @@ def _reads_weight(model: nn.Module, name: str) -> bool:
     for i in range(len(parts) - 1, 0, -1):
         owner = model.get_submodule(".".join(parts[:i]))
         path = re.escape(".".join(parts[i:]))
-        if re.search(rf"self\.{path}\.weight\b(?!\.(?:dtype|device|shape|size|ndim|numel))", _class_source(type(owner))):
+        used = rf"self\.{path}\.weight\b(?!\.(?:dtype|device|shape|size|ndim|numel))"
+        if re.search(used, _class_source(type(owner))):
             return True
     return False
 
 
 def _renamed_by_peft(model_type: str | None) -> set[str]:
     """Leaf names peft rewrites on this model type before targeting (its conversion of adapters trained
-    under transformers 4, where MoE experts were ``nn.Linear``): on Qwen2-MoE-like models a target named
-    ``gate_proj`` becomes the fused experts' ``gate_up_proj``, which then refuses dropout, and the shared
-    expert or dense layer of that name is dropped. Such names cannot be targeted by name at all."""
+    under transformers 4, where MoE experts were ``nn.Linear``): on Qwen3-MoE, Qwen3-Next, DeepSeek-V3
+    and the like a target named ``gate_proj`` becomes the fused experts' ``gate_up_proj``, which then
+    refuses dropout, and the shared expert or dense layer of that name is dropped. Such names cannot be
+    targeted by name at all."""
     try:
         from peft.utils import transformers_weight_conversion as twc
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
@@ -148,4 +150,5 @@ def resolve_all_linear(model: nn.Module, decoder: nn.Module, head: nn.Module | N
     for leaf in _short(taken):
         same = [n for n in named if _leaf(n) == leaf]  # peft matches a leaf name anywhere in the model
         modules.extend([leaf] if all(n in taken_set for n in same) else [n for n in same if n in taken_set])
-    return LoraTargets(modules, _short(taken), {why: _short(names, 2 if why == FUSED else 1) for why, names in skipped.items()})
+    short = {why: _short(names, 2 if why == FUSED else 1) for why, names in skipped.items()}
+    return LoraTargets(modules, _short(taken), short)
