@@ -41,6 +41,7 @@ from ..model import (
 )
 from ..lean import lean_activations
 from ..optim import check_optimizer, make_optimizer, optimizer_summary
+from ..router import RouterLoss, router_loss_coef
 from ..support import choose_paths
 from .engine import Engine
 from .plan import StepPlan, lr_factor
@@ -73,6 +74,7 @@ class Run:
     bad_streak: int = 0  # non-finite steps in a row
     elapsed_before: float = 0.0  # training seconds before a resume
     eval_last: dict = field(default_factory=dict)
+    router: RouterLoss | None = None  # the MoE router loss, where the model's config turns it on
 
     @property
     def metrics_path(self) -> Path:
@@ -190,7 +192,7 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
         lean_activations(model)
     model.config.use_cache = False
     if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, say)
     # the fast paths are proven on the model as it will train: adapters attached, train mode, the run's
     # dtypes; sharded, the model is not moved to one device (docs/proof.md)
     paths = choose_paths(model, cfg, device, say, sharded=engine.sharded)
@@ -199,6 +201,11 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     trainable, total = count_parameters(model)
     say(f"model: {folder} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{', LoRA' if cfg.lora else ''})")
     forward = PolicyForward(model, paths, chunk=cfg.logits_chunk)
+    coef = router_loss_coef(model)
+    router = RouterLoss(model, coef) if coef else None
+    if router is not None:
+        say(f"MoE router loss: {coef:g} x the model's load-balancing loss, added as TRL adds it "
+            "(output_router_logits in the model's config)")
 
     data_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else cfg.seed
     plan = StepPlan(len(train_pairs), cfg.batch_size, cfg.grad_accum, engine.world, data_seed, cfg.epochs, cfg.max_steps)
@@ -209,7 +216,7 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
     policy, optimizer = engine.prepare(forward, optimizer)
     return Run(cfg, engine, out, folder, tokenizer, train_pairs, eval_pairs, data_counts, paths, forward, policy,
-               optimizer, scheduler, plan, warmup, t_setup)
+               optimizer, scheduler, plan, warmup, t_setup, router=router)
 
 
 def restore(run: Run) -> dict | None:
