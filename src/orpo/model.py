@@ -336,6 +336,8 @@ def base_causal_lm(model):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; a ZeRO-3-partitioned weight (numel 0 here) by its full size."""
+    n = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
+    total = sum(n(p) for p in model.parameters())
     return trainable, total
