@@ -172,3 +172,31 @@ def sigterm_after_rows(cmd: list[str], out: Path, env: dict, rows: int = 3) -> t
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     return stdout, stderr
+
+
+def poison_training_forwards(monkeypatch, change) -> None:
+    """Patch PolicyForward.forward so that ``change(logps, n)`` applies to the training steps' forwards
+    only, ``n`` counting them from 1. The start-up check (which runs in train mode, on the model as it
+    will train) and the evaluations (eval mode) get the real forward."""
+    import orpo.forward as fwd
+    import orpo.support as support
+
+    real_forward, real_decide = fwd.PolicyForward.forward, support.decide
+    state = {"n": 0, "checking": False}
+
+    def decide(*args, **kwargs):
+        state["checking"] = True
+        try:
+            return real_decide(*args, **kwargs)
+        finally:
+            state["checking"] = False
+
+    def forward(self, batch):
+        out = real_forward(self, batch)
+        if not self.training or state["checking"]:
+            return out
+        state["n"] += 1
+        return change(out, state["n"])
+
+    monkeypatch.setattr(support, "decide", decide)
+    monkeypatch.setattr(fwd.PolicyForward, "forward", forward)

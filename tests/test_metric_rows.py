@@ -9,7 +9,7 @@ import json
 import pytest
 
 import orpo
-from conftest import PLAIN_ROWS
+from conftest import PLAIN_ROWS, poison_training_forwards
 
 MEANS = ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies", "log_odds_ratio")
 
@@ -24,18 +24,7 @@ def _run(out, model_dir, logging_steps, max_steps):
 
 def _poison(monkeypatch, steps):
     """The training forward of the given steps (1-based; one micro-batch each) returns NaN."""
-    import orpo.forward as fwd
-
-    real, calls = fwd.PolicyForward.forward, {"n": 0}
-
-    def poisoned(self, batch):
-        if not self.training:  # the start-up check and the evaluations
-            return real(self, batch)
-        calls["n"] += 1
-        out = real(self, batch)
-        return out * float("nan") if calls["n"] in steps else out
-
-    monkeypatch.setattr(fwd.PolicyForward, "forward", poisoned)
+    poison_training_forwards(monkeypatch, lambda out, n: out * float("nan") if n in steps else out)
 
 
 def _window(rows, steps):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import sigterm_after_rows
+from conftest import poison_training_forwards, sigterm_after_rows
 from orpo.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -56,19 +56,8 @@ def env() -> dict:
 
 
 def test_nan_step_is_skipped_and_never_reaches_the_weights(tmp_path, tiny_model_dir, plain_file, monkeypatch):
-    import orpo.forward as fwd
-
-    real = fwd.PolicyForward.forward
-    calls = {"n": 0}
-
-    def poisoned(self, batch):
-        if not self.training:  # the start-up check and the evaluations
-            return real(self, batch)
-        calls["n"] += 1
-        out = real(self, batch)
-        return out * float("nan") if calls["n"] == 2 else out  # the second step's only micro-batch
-
-    monkeypatch.setattr(fwd.PolicyForward, "forward", poisoned)
+    # the second step's only micro-batch
+    poison_training_forwards(monkeypatch, lambda out, n: out * float("nan") if n == 2 else out)
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
                "--max-steps", "3", "--precision", "fp32", "--lr", "1e-2", "--save-steps", "1"])
@@ -85,11 +74,7 @@ def test_nan_step_is_skipped_and_never_reaches_the_weights(tmp_path, tiny_model_
 
 
 def test_nan_streak_stops_the_run_with_a_clear_message(tmp_path, tiny_model_dir, plain_file, monkeypatch, capsys):
-    import orpo.forward as fwd
-
-    real = fwd.PolicyForward.forward
-    # training steps only (the start-up check and the evaluations run in eval mode)
-    monkeypatch.setattr(fwd.PolicyForward, "forward", lambda self, b: real(self, b) * (float("inf") if self.training else 1.0))
+    poison_training_forwards(monkeypatch, lambda out, n: out * float("inf"))  # every training step
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_model_dir), "--data", str(plain_file), "--output-dir", str(out),
                "--max-steps", "10", "--precision", "fp32", "--max-bad-steps", "3"])

@@ -24,7 +24,7 @@ import copy
 import torch
 
 from .attention import loaded_attention
-from .model import base_causal_lm
+from .model import base_causal_lm, peft_wrap
 
 VOCAB = 512
 HEAD_DIM = 16
@@ -137,10 +137,8 @@ def build(model, device, seed: int = 0):
                     p.normal_(0, STD)
         peft_config = getattr(model, "peft_config", None)
         if peft_config:
-            from peft import get_peft_model
-
             adapter = copy.deepcopy(peft_config[getattr(model, "active_adapter", "default")])
-            mini = get_peft_model(mini, adapter)
+            mini = peft_wrap(mini, adapter)
             with torch.no_grad():
                 for name, p in mini.named_parameters():
                     if "lora_B" in name or "lora_embedding_B" in name:

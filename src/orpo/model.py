@@ -291,7 +291,7 @@ def compile_layers(model) -> None:
 def add_lora(model, r: int, alpha: int, dropout: float, target: str, say=None):
     """Wrap ``model`` with peft LoRA adapters on every linear projection LoRA can take on this model
     (``orpo.lora_targets``; ``say`` gets the line naming them and what is skipped) or the named modules."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     if target == ALL_LINEAR:
         lm = base_causal_lm(model)
@@ -305,11 +305,19 @@ def add_lora(model, r: int, alpha: int, dropout: float, target: str, say=None):
         targets = [t.strip() for t in target.split(",") if t.strip()]
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing (a stderr line)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            return get_peft_model(model, cfg)
+        return peft_wrap(model, cfg)
     except ValueError as e:
         raise UserError(f"--lora-target {target!r}: {e}") from None
+
+
+def peft_wrap(model, peft_config):
+    """``get_peft_model`` without the FutureWarning peft's call to transformers' deprecated
+    ``is_gradient_checkpointing`` prints on every run."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def enable_activation_checkpointing(model) -> None:
