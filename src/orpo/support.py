@@ -28,6 +28,7 @@ from .errors import UserError
 from .forward import Paths, PolicyForward, head_transform, resolve_attention, smallest_window
 from .loss import orpo_loss
 from .model import base_causal_lm
+from .multimodal import language_decoder, text_config
 
 # Per-token log-probs may differ by this (absolute, plus relative) in fp32: SDPA over blocks and the
 # chunked head sum in another order. A token that sees what it must not moves them by far more.
@@ -79,7 +80,7 @@ def _checked_params(lm) -> list[torch.Tensor]:
     layer where they alternate). Every forward error upstream changes their gradient through the
     activations, and the backward of our attention and head runs through them; stopping the backward
     there keeps the check cheap (on CPU a backward pass streams every weight it reaches)."""
-    decoder = lm.get_decoder()
+    decoder = language_decoder(lm)
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or getattr(decoder, "blocks", None)
     mods = list(layers)[-2:] if layers is not None and len(layers) else [decoder]
     return [p for m in mods for p in m.parameters() if p.requires_grad and p.is_floating_point()]
@@ -132,13 +133,13 @@ def prove(model, paths: Paths, pairs, ref) -> str | None:
     except Exception as e:  # a path the model's code cannot run at all is not used
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     finally:
-        attention.disable(lm.config)
+        attention.disable(text_config(lm.config))
     return None
 
 
 def _head_candidates(lm) -> list[str]:
     head = lm.get_output_embeddings()
-    scale, softcap = head_transform(lm.config)
+    scale, softcap = head_transform(text_config(lm.config))
     out = []
     if type(head) is torch.nn.Linear and not softcap and not (head.bias is not None and scale != 1.0):
         out.append("linear")
@@ -153,7 +154,7 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
     that mode: if the check rejects it, a :class:`UserError` says why."""
     lm = base_causal_lm(model)
     dev = device or next(lm.parameters()).device
-    mixer = token_mixer(lm.config)
+    mixer = token_mixer(text_config(lm.config))
     forced = attention != "auto"
     first = resolve_attention(attention, torch.device(dev))
     if forced:
@@ -163,7 +164,7 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
     else:
         modes = [first, "mask", "separate"] if first != "mask" else ["mask", "separate"]
     vocab = min(lm.get_output_embeddings().weight.shape[0], lm.get_input_embeddings().weight.shape[0])
-    pairs = synthetic_pairs(vocab, max_length, smallest_window(lm.config))
+    pairs = synthetic_pairs(vocab, max_length, smallest_window(text_config(lm.config)))
     was_training = model.training
     model.eval()  # dropout (if kept) off: both sides must be deterministic
     try:
