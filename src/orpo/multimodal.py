@@ -125,9 +125,13 @@ def freeze_outside(lm) -> int:
 
 
 def lora_exclude(lm) -> str | None:
-    """peft's ``exclude_modules`` (a regex over module names) that keeps LoRA off the vision tower and
-    projector, whatever ``target_modules`` says; None for a text-only model."""
-    names = outside_modules(lm)
-    if not names:
-        return None
-    return r"(?:" + "|".join(re.escape(n) for n in names) + r")(?:\..*)?"
+    """peft's ``exclude_modules`` (a regex over module names): LoRA stays off the vision tower and
+    projector whatever ``target_modules`` says, and off linear layers whose forward is not a linear
+    map (Llama-4's MoE router subclasses ``nn.Linear`` and returns a tuple, which peft's LoRA layer
+    cannot add to). None when nothing is excluded."""
+    from torch import nn
+
+    names = [re.escape(n) + r"(?:\..*)?" for n in outside_modules(lm)]
+    names += [re.escape(n) for n, m in lm.named_modules()
+              if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward]
+    return r"(?:" + "|".join(names) + r")" if names else None
