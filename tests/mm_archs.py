@@ -46,6 +46,8 @@ FAMILIES = {
                dict(vision_output_dim=64, projector_input_dim=64, projector_output_dim=64, pixel_shuffle_ratio=0.5,
                     rope_theta=10000),
                dict(image_token_index=IMG, boi_token_index=START, eoi_token_index=END)),
+    "llava": (dict(), dict(), dict(image_token_id=IMG, vision_feature_layer=-1)),
+    "smolvlm": (dict(), dict(image_size=28, patch_size=14), dict(image_token_id=IMG, scale_factor=2)),
 }
 
 
@@ -94,6 +96,6 @@ def vision_state(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         for k, v in load_file(str(f)).items():
-            if any(part in k for part in ("vision", "visual", "projector", "multi_modal")):
+            if any(part in k for part in ("vision", "visual", "projector", "multi_modal", "connector")):
                 out[k] = v
     return out

@@ -33,8 +33,9 @@ ALLOWED = {
     "answers": {"data", "stats"},
     "train": {"answers", "checkpoint", "config", "data", "diskio", "errors", "evaluate", "export", "forward", "loss",
               "lean", "model", "optim", "progress", "report", "resume", "runlock", "support"},
-    "export": {"config", "errors", "model"},
-    "cli": {"answers", "config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare"},
+    "export": {"config", "errors", "model", "multimodal"},
+    "cli": {"answers", "config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare",
+            "multimodal"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer
     "report": {"errors", "config", "diskio"},
     "inspect_data": {"config", "data", "errors", "model"},

@@ -135,3 +135,15 @@ def lora_exclude(lm) -> str | None:
     names += [re.escape(n) for n, m in lm.named_modules()
               if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward]
     return r"(?:" + "|".join(names) + r")" if names else None
+
+
+def loader_name(folder: Path) -> str:
+    """The transformers Auto class that loads a saved model folder whole (for the lines and the model
+    card that tell the user how to load it)."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "AutoModelForCausalLM"
+    return "AutoModelForImageTextToText" if config.get("vision_config") else "AutoModelForCausalLM"
