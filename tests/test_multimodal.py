@@ -171,3 +171,18 @@ def test_a_model_with_no_trainable_class_is_refused_in_one_line(tmp_path):
     line = str(e.value)
     assert "\n" not in line and "'distilbert'" in line and "causal-LM" in line and "image-text" in line
     assert len(line.replace(str(tmp_path), "")) < 400  # not transformers' list of 200 config classes
+
+
+def test_a_language_model_saved_alone_loads_in_its_text_class(tmp_path, chatml_tokenizer):
+    """A folder saved by Qwen3.5's text-only class under the composite config (as transformers'
+    AutoModelForCausalLM loads and saves it) has no vision weights: it loads in that class, never in
+    the image-text class with a random vision tower."""
+    from transformers import AutoModelForCausalLM
+
+    from mm_archs import build
+
+    text_only = AutoModelForCausalLM.from_config(build("qwen3_5").config)
+    text_only.save_pretrained(tmp_path)
+    chatml_tokenizer.save_pretrained(tmp_path)
+    assert _architecture(tmp_path) == "Qwen3_5ForCausalLM"
+    assert type(load_model(tmp_path)).__name__ == "Qwen3_5ForCausalLM"

@@ -67,6 +67,11 @@ def model_auto_class(folder: Path, trust_remote_code: bool = False):
         return AutoModelForCausalLM
     model_type = getattr(config, "model_type", "")
     image_text = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    saved_as = (getattr(config, "architectures", None) or [None])[0]
+    if saved_as in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and saved_as not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
+        # saved by a text-only class (a Qwen3.5 or Llama-4 language model alone): its folder has no vision
+        # weights, and the image-text class would give it a random vision tower
+        return AutoModelForCausalLM
     if image_text and (is_multimodal(config) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         return AutoModelForImageTextToText
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
