@@ -24,6 +24,7 @@ from . import attention
 from .data.batching import Batch, collate
 from .loss import linear_logps
 from .model import base_causal_lm
+from .multimodal import language_decoder, text_config
 
 
 @dataclass
@@ -108,20 +109,21 @@ class PolicyForward(nn.Module):
     def __init__(self, model: nn.Module, paths="blocks", chunk: int = 0):
         super().__init__()
         lm = base_causal_lm(model)
+        config = text_config(lm.config)  # an image-text model's language model reads its text config
         if isinstance(paths, str):
             head = lm.get_output_embeddings()
-            plain = type(head) is nn.Linear and head_transform(lm.config)[1] is None
+            plain = type(head) is nn.Linear and head_transform(config)[1] is None
             paths = Paths(paths, True, True, "linear" if plain else "module", reason="unchecked")
         self.model = model
         self.paths = paths
         self.chunk = chunk
         if paths.attention in ("blocks", "flex"):
-            attention.enable(lm.config)
+            attention.enable(config)
         else:
-            attention.disable(lm.config)
-        self.scale, self.softcap = head_transform(lm.config)
-        self.windows = layer_windows(lm.config)
-        self.window = smallest_window(lm.config)  # FlexAttention's one block mask serves every layer
+            attention.disable(config)
+        self.scale, self.softcap = head_transform(config)
+        self.windows = layer_windows(config)
+        self.window = smallest_window(config)  # FlexAttention's one block mask serves every layer
         # the chunked head reads the weight directly (DeepSpeed ZeRO-3 must gather it for the whole forward)
         self.plain_head = paths.head == "linear"
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # read by FSDP's auto-wrap
@@ -155,7 +157,7 @@ class PolicyForward(nn.Module):
             kwargs["attention_mask"] = batch.layout.padding_mask(ids.device)
         if self.paths.head == "model":
             return self._model_head_logps(lm, kwargs, src, batch.target)
-        out = lm.get_decoder()(**kwargs)
+        out = language_decoder(lm)(**kwargs)
         hidden = out.last_hidden_state.flatten(0, 1).index_select(0, src)
         head = lm.get_output_embeddings()
         if self.plain_head:
@@ -168,7 +170,7 @@ class PolicyForward(nn.Module):
         """The layout as the model's own attention expects it: bool for SDPA, additive for eager, and one
         mask per layer type where layers differ (sliding windows)."""
         dev = batch.input_ids.device
-        additive = attention.loaded_attention(lm.config) == "eager"
+        additive = attention.loaded_attention(text_config(lm.config)) == "eager"
 
         def one(window):
             m = batch.layout.dense_mask(dev, window)

@@ -170,11 +170,13 @@ def load_model(
     path; or ``attn_implementation``); with ``load_in_4bit``, its linear layers in NF4 on the current
     CUDA device, ready for LoRA (QLoRA)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from . import multimodal
 
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, trust_remote_code, allow_pickle, dtype, device)
     check_weights(folder, allow_pickle)
+    auto_class = multimodal.model_auto_class(folder, trust_remote_code)  # image-text checkpoints: their own class
     extra = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -186,7 +188,7 @@ def load_model(
                                                    bnb_4bit_compute_dtype=torch.bfloat16),
             device_map={"": torch.cuda.current_device()},
         )
-    load = functools.partial(AutoModelForCausalLM.from_pretrained, str(folder), dtype=dtype or torch.float32,
+    load = functools.partial(auto_class.from_pretrained, str(folder), dtype=dtype or torch.float32,
                              trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
                              **extra)
     try:
@@ -201,6 +203,7 @@ def load_model(
         if "trust_remote_code" in str(e):
             raise UserError(f"{folder}: this model needs its own code; pass --trust-remote-code if you trust it") from None
         raise UserError(f"{folder}: cannot load the model ({e})") from None
+    multimodal.freeze_outside(model)  # ORPO trains the language model; vision tower and projector stay as they came
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -282,7 +285,9 @@ def apply_liger(model) -> None:
 def compile_layers(model) -> None:
     """torch.compile every decoder layer in place, with dynamic shapes (packed rows change length every
     step). Identical layers share one compiled graph."""
-    decoder = base_causal_lm(model).get_decoder()
+    from .multimodal import language_decoder
+
+    decoder = language_decoder(base_causal_lm(model))
     layers = getattr(decoder, "layers", None)
     for layer in layers if layers is not None else [decoder]:
         layer.compile(dynamic=True)
@@ -293,9 +298,11 @@ def add_lora(model, r: int, alpha: int, dropout: float, target: str, say=None):
     (``orpo.lora_targets``; ``say`` gets the line naming them and what is skipped) or the named modules."""
     from peft import LoraConfig
 
+    from .multimodal import language_decoder, lora_exclude
+
     if target == ALL_LINEAR:
         lm = base_causal_lm(model)
-        chosen = resolve_all_linear(model, lm.get_decoder(), lm.get_output_embeddings())
+        chosen = resolve_all_linear(model, language_decoder(lm), lm.get_output_embeddings())
         if not chosen.modules:
             raise UserError(f"--lora-target all-linear: this model has no linear layer LoRA can take ({chosen.line()})")
         if say is not None:
@@ -303,7 +310,8 @@ def add_lora(model, r: int, alpha: int, dropout: float, target: str, say=None):
         targets = chosen.modules
     else:
         targets = [t.strip() for t in target.split(",") if t.strip()]
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                     exclude_modules=lora_exclude(base_causal_lm(model)))  # never the vision tower
     try:
         return peft_wrap(model, cfg)
     except ValueError as e:

@@ -45,6 +45,7 @@ from .forward import Paths, PolicyForward, head_transform, resolve_attention
 from .loss import orpo_loss
 from .model import _DROPOUT_ATTRS
 from .model import base_causal_lm
+from .multimodal import language_decoder, text_config
 
 # Per-token log-probs may differ by this (absolute, plus relative) in fp32: SDPA over blocks and the
 # chunked head sum in another order. A token that sees what it must not moves them by far more.
@@ -107,7 +108,7 @@ def synthetic_pairs(vocab: int, span: int | None = None, seed: int = 0) -> list[
 
 
 def _layers(lm):
-    decoder = lm.get_decoder()
+    decoder = language_decoder(lm)
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or getattr(decoder, "blocks", None)
     return list(layers) if layers is not None and len(layers) else [decoder]
 
@@ -163,7 +164,7 @@ def run_pairs(model, paths: Paths | None, pairs, params, amp=None):
             loss = _loss(logps, batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True) if params else []
     finally:
-        attention.disable(lm.config)
+        attention.disable(text_config(lm.config))
     return logps.detach().float(), [g.detach().float() if g is not None else None for g in grads]
 
 
@@ -306,7 +307,7 @@ def _head_candidates(lm) -> list[str]:
     """"linear" reads the head's weight directly: only a plain ``nn.Linear`` (not one carrying a LoRA
     adapter, whose ``lora_B`` would then never train) without a soft-cap."""
     head = lm.get_output_embeddings()
-    scale, softcap = head_transform(lm.config)
+    scale, softcap = head_transform(text_config(lm.config))
     out = []
     if type(head) is torch.nn.Linear and not softcap and not (head.bias is not None and scale != 1.0):
         out.append("linear")
@@ -335,7 +336,7 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
     :class:`UserError` says why."""
     lm = base_causal_lm(model)
     dev = torch.device(device) if device is not None else _device(lm)
-    mixer = token_mixer(lm.config)
+    mixer = token_mixer(text_config(lm.config))
     forced = attention != "auto"
     first = resolve_attention(attention, dev)
     if forced:

@@ -17,6 +17,7 @@ import sys
 
 from .. import config as C
 from ..errors import UserError
+from ..multimodal import loader_name
 from .parser import build_parser, default_job_path, typed, unknown_flags
 from .tools import cmd_chat, cmd_compare, cmd_data, cmd_generate, cmd_report
 
@@ -50,7 +51,7 @@ def cmd_train(ns: argparse.Namespace, argv: list[str]) -> int:
     if not result.is_main or result.stopped:
         return 0
     print(f"\nmetrics: {result.output_dir / 'metrics.jsonl'}")
-    print(f"model:   {result.model_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
+    print(f"model:   {result.model_dir}  ({loader_name(result.model_dir)}.from_pretrained loads it)")
     if cfg.lora:
         print(f"adapter: {result.output_dir / 'adapter'}")
     if result.answers is not None:

@@ -31,6 +31,9 @@ Messages = list[dict]
 Text = Union[str, Messages]
 
 ROLES = ("system", "user", "assistant", "tool")
+# image-text pairs (an image shared by chosen and rejected) are refused rather than trained on their text alone
+IMAGE_PAIRS = ("image-text preference pairs are not supported yet (text pairs do train image-text checkpoints; "
+               "see docs/models.md)")
 FIELDS = ("prompt", "chosen", "rejected")
 
 
@@ -99,6 +102,8 @@ def _check_message(msg: Any, where: str, fname: str, idx: int) -> dict:
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") in ("image", "image_url", "video", "audio"):
+                raise UserError(f"{loc}: an {part['type']} part; {IMAGE_PAIRS}")
             else:
                 raise UserError(f"{loc}: content parts other than text are not supported")
         content = "".join(parts)
@@ -176,6 +181,10 @@ def normalize_row(row: Any, where: str) -> Pair:
             raise _missing(where, need, keys)
     chosen, rejected = row["chosen"], row["rejected"]
     prompt = row.get("prompt")
+    for key in ("images", "image"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, (list, str, bytes)) and len(value) == 0):
+            raise UserError(f"{where}: field {key!r}: {IMAGE_PAIRS}")
 
     whole_conversations = (
         isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..multimodal import loader_name
 from ..model import load_model  # noqa: F401 - the old single module exposed it; callers still use it
 from .card import model_card, write_model_card
 from .gguf import GGUF_TYPES, SUPPORTED_ARCHITECTURES, VERIFY_TEXTS, check_gguf_support, gguf_tensors, tokenizer_metadata, verify_gguf, write_gguf
@@ -60,7 +61,7 @@ def export(src: str | Path, dest: str | Path | None = None, merge: bool = True, 
     if merge:
         write_merged(model, tokenizer, dest)
         result.merged = True
-        say(f"merged weights: {dest}  (AutoModelForCausalLM.from_pretrained loads it)")
+        say(f"merged weights: {dest}  ({loader_name(dest)}.from_pretrained loads it)")
     if gguf:
         path = dest / f"{source.name}-{gguf_type}.gguf"
         src_gguf = source_gguf(source, base)

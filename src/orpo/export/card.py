@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..multimodal import loader_name
 from .source import _read_json, _run_config
 
 
@@ -135,9 +136,10 @@ def model_card(dest: Path, run_dir: Path | None, source_path: Path | None = None
         out += ["", *[f"Note: {n}" for n in notes]]
     out.append("")
 
+    auto = loader_name(dest) if has_weights else "AutoModelForCausalLM"  # image-text checkpoints: their own class
     out += ["## How to use", "", "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f"model = AutoModelForCausalLM.from_pretrained({str(dest)!r})" if has_weights or not ggufs else
+            f"from transformers import {auto}, AutoTokenizer",
+            f"model = {auto}.from_pretrained({str(dest)!r})" if has_weights or not ggufs else
             f"model = AutoModelForCausalLM.from_pretrained({str(dest)!r}, gguf_file={ggufs[0]!r})",
             f"tokenizer = AutoTokenizer.from_pretrained({str(dest)!r})" if has_weights or not ggufs else
             f"tokenizer = AutoTokenizer.from_pretrained({str(dest)!r}, gguf_file={ggufs[0]!r})",
