@@ -1,4 +1,4 @@
-"""Imports point one way: config <- data, model, loss, attention <- forward <- support <- checkpoint, evaluate <- train <- cli.
+"""Imports point one way: config <- data, model, loss, qblocks <- attention <- forward <- support <- checkpoint, evaluate <- train <- cli.
 
 report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli;
 stats (numpy only) <- evaluate, answers, compare; data, stats <- answers <- train, cli;
@@ -15,7 +15,8 @@ ALLOWED = {
     "config": {"errors", "config"},
     "data": {"config", "errors", "data"},
     "loss": set(),
-    "attention": set(),
+    "qblocks": set(),
+    "attention": {"qblocks"},
     "multimodal": {"errors"},
     "model": {"errors", "config", "lora_targets", "multimodal"},
     "lora_targets": set(),

@@ -25,6 +25,7 @@ def test_counts_format_and_percentiles(chatml_tokenizer, conv_file):
         assert got["p50"] <= got["p90"] <= got["p95"] <= got["p99"] <= got["max"]
     f = info.fitted
     assert f["kept"] == 12 and f["prompt_truncated"] == f["completion_truncated"] == f["skipped"] == 0
+    assert f["tokens_cut"] == f["largest_cut"] == 0 and "tokens cut:" not in render_report(info, chatml_tokenizer)
 
 
 def test_truncation_counts_match_what_training_gets(chatml_tokenizer, conv_file):
@@ -36,6 +37,17 @@ def test_truncation_counts_match_what_training_gets(chatml_tokenizer, conv_file)
     assert info.fitted["prompt_truncated"] > 0 and info.fitted["completion_truncated"] > 0
     text = render_report(info, chatml_tokenizer)
     assert "with max_length 20:" in text and f"prompt truncated:      {info.fitted['prompt_truncated']} " in text
+    # the tokens cut: the kept pairs' lengths without a limit, less their lengths with it
+    pairs = load_pairs(conv_file)[0]
+    full, fitted = (tokenize_pairs(pairs, chatml_tokenizer, n) for n in (1 << 30, 20))
+    assert len(full) == len(fitted)  # (none dropped at 20, so the pairs line up)
+    cuts = [sum(len(getattr(a, k)) - len(getattr(b, k)) for k in ("prompt", "chosen", "rejected"))
+            for a, b in zip(full, fitted)]
+    assert info.fitted["tokens_cut"] == sum(cuts) > 0 and info.fitted["largest_cut"] == max(cuts)
+    share = f"{sum(cuts) / info.full_tokens:.1%}"
+    assert f"tokens cut:            {sum(cuts)} ({share} of the usable pairs' tokens); at most {max(cuts)} from one pair" in text
+    _, stats, line = prepare_pairs(str(conv_file), chatml_tokenizer, 20)
+    assert f"({sum(cuts)} tokens cut, at most {max(cuts)} from one pair)" in line
 
 
 def test_dropped_rows_are_counted(tmp_path, chatml_tokenizer):

@@ -65,10 +65,11 @@ def test_max_completion_length_through_tokenization(chatml_tokenizer):
     pairs = [normalize_row(r, f"row {i}") for i, r in enumerate(CONV_ROWS)]
     full = tokenize_batch(pairs, chatml_tokenizer, 1024)
     capped = tokenize_batch(pairs, chatml_tokenizer, 1024, max_completion_length=3)
-    for (a, *_), (b, _, _, c_cut) in zip(full, capped):
+    for (a, *_), (b, _, p_cut, c_cut) in zip(full, capped):
         assert list(b.prompt) == list(a.prompt)
         assert list(b.chosen) == list(a.chosen)[:3] and list(b.rejected) == list(a.rejected)[:3]
-        assert c_cut == (max(len(a.chosen), len(a.rejected)) > 3)
+        # the cuts are token counts: none from the prompt, every completion token past the third
+        assert p_cut == 0 and c_cut == max(0, len(a.chosen) - 3) + max(0, len(a.rejected) - 3)
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN))

@@ -96,3 +96,23 @@ def test_from_pairs_store_roundtrip(chatml_tokenizer):
     store = TokenStore.from_pairs(pairs)
     same(store, pairs)
     assert len(store[1:3]) == 2
+
+
+def test_tokens_cut_survive_the_cache_and_the_parallel_map(tmp_path, chatml_tokenizer, monkeypatch):
+    f = write_jsonl(tmp_path / "c.jsonl", rows_with_skip() * 3)
+    serial, s1 = tokenize_rows(scan_rows(f), chatml_tokenizer, 16, num_proc=1, cache=False)
+    full = tokenize_pairs(load_pairs(f)[0], chatml_tokenizer, 1 << 30)
+    cuts = [sum(len(getattr(a, k)) - len(getattr(b, k)) for k in ("prompt", "chosen", "rejected"))
+            for a, b in zip(full, serial)]
+    assert len(full) == len(serial) and s1.tokens_cut == sum(cuts) > 0 and s1.largest_cut == max(cuts)
+    monkeypatch.setattr(prepare, "PARALLEL_MIN_ROWS", 10)
+    _, s2 = tokenize_rows(scan_rows(f), chatml_tokenizer, 16, num_proc=2)  # written to the cache
+    _, s3 = tokenize_rows(scan_rows(f), chatml_tokenizer, 16)  # read from it
+    assert s1.as_dict() == s2.as_dict() == s3.as_dict()
+    # a cache entry written before these counts existed is remade, never read as "nothing cut"
+    meta = next((tmp_path / "cache" / "tokens").glob("*/meta.json"))
+    m = json.loads(meta.read_text())
+    del m["stats"]["tokens_cut"], m["stats"]["largest_cut"]
+    meta.write_text(json.dumps(m))
+    _, s4 = tokenize_rows(scan_rows(f), chatml_tokenizer, 16)
+    assert s4.as_dict() == s1.as_dict()

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from orpo import miniature, support
-from orpo.data import batching
 from orpo.data.templates import TokenizedPair
 from orpo.errors import UserError
 from orpo.forward import Paths, PolicyForward
@@ -63,15 +62,19 @@ def _logps(model, paths, pairs):
         return policy(policy.collate(pairs, False))
 
 
-def _leaky_blocks(monkeypatch):
-    """Block attention that lets a further completion see every other completion of its pair."""
-    real = batching.Layout.block_mask
+def _leaky_blocks(monkeypatch, when=lambda: True):
+    """Block attention that lets a further completion see all of itself (its later tokens), while
+    ``when()``: the blocks go through ``orpo.qblocks.attend`` (the dense mask path does not)."""
+    from orpo import qblocks
 
-    def leaky(self, prompt_len, length, first, window, device):
-        m = real(self, prompt_len, length, first, window, device)
-        return torch.ones_like(m) if not first else m
+    real = qblocks.attend
 
-    monkeypatch.setattr(batching.Layout, "block_mask", leaky)
+    def leaky(spec, q, k, v, call, *args, **kwargs):
+        if spec.offset == 0 or not when():
+            return real(spec, q, k, v, call, *args, **kwargs)
+        return call(q, k, v, torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device))
+
+    monkeypatch.setattr(qblocks, "attend", leaky)
 
 
 # --- adapters, train mode -----------------------------------------------------------------------------
@@ -146,13 +149,7 @@ def test_bf16_weights_still_reject_a_leak(monkeypatch, precision):
 
 def test_a_leak_only_at_low_precision_is_caught(monkeypatch):
     """A path that is exact in fp32 and leaks under bf16 autocast: the miniature's bf16 stage sees it."""
-    real = batching.Layout.block_mask
-
-    def leaky_in_bf16(self, prompt_len, length, first, window, device):
-        m = real(self, prompt_len, length, first, window, device)
-        return torch.ones_like(m) if not first and torch.is_autocast_enabled("cpu") else m
-
-    monkeypatch.setattr(batching.Layout, "block_mask", leaky_in_bf16)
+    _leaky_blocks(monkeypatch, when=lambda: torch.is_autocast_enabled("cpu"))
     model = make_tiny_llama(400)
     assert support.decide(model, max_length=64).attention == "blocks"
     paths = support.decide(model, max_length=64, precision="bf16")

@@ -56,7 +56,7 @@ def write_run(out, steps=20, finished=True, partial_line=True, drift=0.0):
     (out / "config.yaml").write_text("model: null\ndata: pairs.jsonl\nbeta: 0.1\nlora: true\nmax_steps: 20\nlr: 0.0001\n")
     (out / "data_counts.json").write_text(json.dumps({
         "train": {"rows_read": 120, "kept": 117, "prompt_truncated": 9, "completion_truncated": 4, "skipped": 3,
-                  "skipped_by_reason": {"chosen identical to rejected": 3}},
+                  "tokens_cut": 2345, "largest_cut": 610, "skipped_by_reason": {"chosen identical to rejected": 3}},
         "eval": {"rows_read": 16, "kept": 16, "prompt_truncated": 1, "completion_truncated": 0, "skipped": 0,
                  "skipped_by_reason": {}}}))
     if finished:
@@ -102,6 +102,9 @@ def test_report_of_a_finished_run_has_the_plots_and_tables(tmp_path):
                  "max_steps", "held-out, step 0", "held-out, step 20", "16 held-out pairs per evaluation",
                  "base model (before)", "trained model (after)", "Capital of France?", "✓", "✗"):
         assert text in page, text
+    # the tokens truncation cut, in total and from one pair (train has them; eval's file predates them)
+    assert re.search(r"tokens cut by truncation</t[dh]>\s*<td[^>]*>2345</td>", page)
+    assert re.search(r"largest cut from one pair \(tokens\)</t[dh]>\s*<td[^>]*>610</td>", page)
     # user text is escaped, never interpreted
     assert "What is &lt;b&gt;2+2&lt;/b&gt;?" in page and "It is 5 &amp; more" in page
     # self-contained: nothing is fetched from anywhere

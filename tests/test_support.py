@@ -127,15 +127,16 @@ def test_the_line_and_record(models):
 
 def test_the_check_is_proof_not_trust(models, monkeypatch):
     """A block attention that lets the rejected answer see the chosen one is rejected."""
-    from orpo.data import batching
+    from orpo import qblocks
 
-    real = batching.Layout.block_mask
+    real = qblocks.attend
 
-    def leaky(self, prompt_len, length, first, window, device):
-        m = real(self, prompt_len, length, first, window, device)
-        return torch.ones_like(m) if not first else m
+    def leaky(spec, q, k, v, call, *args, **kwargs):  # a further completion sees all of itself
+        if spec.offset == 0:
+            return real(spec, q, k, v, call, *args, **kwargs)
+        return call(q, k, v, torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device))
 
-    monkeypatch.setattr(batching.Layout, "block_mask", leaky)
+    monkeypatch.setattr(qblocks, "attend", leaky)
     paths = support.decide(_model(models, "llama"), max_length=64)
-    assert paths.name == "mask/linear"  # the dense mask builds its own rows of the block mask
+    assert paths.name == "mask/linear"  # the dense mask path does not go through orpo.qblocks
     assert "log-probs off" in paths.rejected["blocks/linear"]

@@ -99,6 +99,11 @@ def test_truncated_pairs_counted_and_within_max_length(chatml_tokenizer):
     stats = TokenStats()
     out = tokenize_pairs(pairs, chatml_tokenizer, 40, stats=stats)
     assert stats.prompt_truncated == 1 and stats.kept == 2
+    full = tokenize_pairs(pairs, chatml_tokenizer, 1 << 30)
+    cuts = [sum(len(getattr(f, k)) - len(getattr(t, k)) for k in ("prompt", "chosen", "rejected")) for f, t in zip(full, out)]
+    assert cuts[0] > 0 and cuts[1] == 0  # only the long prompt lost tokens
+    assert stats.tokens_cut == sum(cuts) and stats.largest_cut == max(cuts)
+    assert stats.as_dict()["tokens_cut"] == sum(cuts) and stats.as_dict()["largest_cut"] == max(cuts)
     for tp in out:
         assert len(tp.prompt) + max(len(tp.chosen), len(tp.rejected)) <= 40
         assert tp.prompt.dtype == np.int32

@@ -26,6 +26,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from . import qblocks
+
 NAME = "orpo_blocks"
 INNER = "_orpo_inner_attn"  # config attribute: the implementation the model was loaded with
 
@@ -115,7 +117,10 @@ def block_attention(module, query, key, value, attention_mask=None, dropout=0.0,
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
         return fn(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0].transpose(1, 2)
 
-    rows = [_row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, attend)
+    def attend_causal(q, k, v, spec):  # orpo.qblocks: the block without a (Q, K) mask or scores kept
+        return qblocks.attend(spec, q, k, v, attend, direct, p_drop, scaling)
+
+    rows = [_row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, attend_causal)
             for r, groups in enumerate(layout.by_row())]
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
@@ -165,11 +170,10 @@ def _row_attention(q, k, v, groups, layout, window, attend):
             # every further one sees the whole prompt, then itself causally
             first = j == 1
             windowed = window is not None and p + n > window
-            mask = None  # causal
-            if windowed or not first:
-                mask = layout.block_mask(p, n, first, window if windowed else None, q.device)
+            # queries from logical position 0 (prompt + first completion) or p; keys 0..p+n-1 (orpo.qblocks)
+            spec = qblocks.Causal(0 if first else p, window if windowed else None)
             out.append(attend(qs[qi + j - 1], torch.cat((kp, ks[ki + j]), dim=2),
-                              torch.cat((vp, vs[ki + j]), dim=2), mask))
+                              torch.cat((vp, vs[ki + j]), dim=2), spec))
         qi += len(lens)
         ki += 1 + len(lens)
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]

@@ -2,7 +2,8 @@
 
 It reads and checks the rows exactly as training does (the same readers, chat template, boundary and
 truncation code), then prints: the detected format and row counts; token-length percentiles of
-prompts, chosen and rejected completions; how many pairs a given ``max_length`` truncates or drops;
+prompts, chosen and rejected completions; how many pairs a given ``max_length`` truncates or drops and
+how many tokens it cuts (in total, and the most from one pair);
 and one or two pairs rendered as the model will see them, with the prompt/completion boundary and the
 tokens that carry a loss marked (colour in a terminal, ``┃`` and ``⟦ ⟧`` markers otherwise). A wrong
 chat template is the most common cause of bad ORPO results, and this shows it in a second.
@@ -46,13 +47,14 @@ class DataInspection:
     examples: list[TokenizedPair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     multi_turn: int = 0
+    full_tokens: int = 0  # prompt + chosen + rejected tokens of the usable rows before truncation (prompt once)
 
     def as_dict(self) -> dict:
         return {
             "source": self.source, "format": self.format, "rows_read": self.rows_read, "usable_rows": self.usable_rows,
             "multi_turn_prompts": self.multi_turn, "skipped": self.skipped, "token_lengths": self.lengths,
             "max_length": self.max_length, "max_prompt_length": self.max_prompt_length, "with_max_length": self.fitted,
-            "notes": self.notes,
+            "full_tokens": self.full_tokens, "notes": self.notes,
         }
 
 
@@ -118,6 +120,7 @@ def inspect_data(
         source=str(source), format=fmt, rows_read=n_read, usable_rows=len(full), skipped=skipped, lengths=lengths,
         max_length=max_length, max_prompt_length=max_prompt_length, fitted=fit_stats.as_dict(),
         examples=fitted[:n_examples], notes=notes, multi_turn=multi,
+        full_tokens=sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in full),
     )
 
 
@@ -214,6 +217,9 @@ def render_report(info: DataInspection, tokenizer, prompt_in_nll: bool = False, 
     lines.append(f"  kept:                  {f['kept']} pairs ({pct(f['kept'])} of rows)")
     lines.append(f"  prompt truncated:      {f['prompt_truncated']} ({pct(f['prompt_truncated'])}); the start is cut, the latest turns kept")
     lines.append(f"  completions truncated: {f['completion_truncated']} ({pct(f['completion_truncated'])}); their ends are cut")
+    if f.get("tokens_cut"):
+        share = f" ({f['tokens_cut'] / info.full_tokens:.1%} of the usable pairs' tokens)" if info.full_tokens else ""
+        lines.append(f"  tokens cut:            {f['tokens_cut']}{share}; at most {f['largest_cut']} from one pair")
     lines.append(f"  dropped:               {f['skipped']} ({pct(f['skipped'])})")
     for reason, n in (f.get("skipped_by_reason") or {}).items():
         lines.append(f"    {n} {reason}")

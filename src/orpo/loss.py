@@ -199,9 +199,10 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc = h[s : s + chunk]
             g = grad_out[s : s + chunk]
-            logits = F.linear(hc, w, b).to(acc)
-            # d logp_t / d logits = onehot(target) - softmax; scaled by the incoming gradient.
-            grad_logits = torch.exp(logits - lse[s : s + chunk, None]).mul_(-g[:, None])
+            logits = F.linear(hc, w, b).to(acc)  # a fresh tensor: worked on in place below
+            # d logp_t / d logits = onehot(target) - softmax; scaled by the incoming gradient. In place:
+            # one chunk of fp32 logits at a time instead of three (256 MB each at the default budget).
+            grad_logits = logits.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[s : s + chunk, None], g[:, None])
             gl = grad_logits.to(h.dtype)
             if need_h:

@@ -231,7 +231,8 @@ def _chunks(rows: Rows) -> Iterator[list[tuple[int, Pair]]]:
 def _stats_from_meta(meta: dict) -> TokenStats:
     s = meta["stats"]
     stats = TokenStats(rows_read=s["rows_read"], kept=s["kept"], prompt_truncated=s["prompt_truncated"],
-                       completion_truncated=s["completion_truncated"])
+                       completion_truncated=s["completion_truncated"], tokens_cut=s["tokens_cut"],
+                       largest_cut=s["largest_cut"])  # (a cache made before these counts raises KeyError: remade)
     stats.skips = Skips(counts=dict(s["skipped_by_reason"]), examples={k: list(v) for k, v in meta["examples"].items()})
     return stats
 
@@ -272,8 +273,7 @@ def tokenize_rows(rows: Rows, tokenizer, max_length: int, max_prompt_length: int
                     stats.skips.add(reason, pair.where)
                     continue
                 stats.kept += 1
-                stats.prompt_truncated += p_cut
-                stats.completion_truncated += c_cut
+                stats.add_cut(p_cut, c_cut)
                 if writer is not None:
                     writer.add(tp, row)
                 else:
@@ -294,8 +294,9 @@ def tokenize_rows(rows: Rows, tokenizer, max_length: int, max_prompt_length: int
 
 
 def report_line(name: str, stats: TokenStats) -> str:
+    cut = f" ({stats.tokens_cut} tokens cut, at most {stats.largest_cut} from one pair)" if stats.tokens_cut else ""
     line = (f"{name}: {stats.rows_read} rows, {stats.kept} pairs kept; truncated: {stats.prompt_truncated} prompts, "
-            f"{stats.completion_truncated} completions; skipped: {stats.skips.total}")
+            f"{stats.completion_truncated} completions{cut}; skipped: {stats.skips.total}")
     return line + (f" ({stats.skips.summary()})" if stats.skips.total else "")
 
 

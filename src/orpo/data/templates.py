@@ -55,7 +55,16 @@ class TokenStats:
     kept: int = 0
     prompt_truncated: int = 0
     completion_truncated: int = 0
+    tokens_cut: int = 0  # tokens truncation removed from the kept pairs (prompt once, plus both completions)
+    largest_cut: int = 0  # the most tokens removed from one kept pair
     skips: Skips = field(default_factory=Skips)
+
+    def add_cut(self, p_cut: int, c_cut: int) -> None:
+        """Count one kept pair's truncation: ``p_cut`` prompt tokens, ``c_cut`` completion tokens removed."""
+        self.prompt_truncated += p_cut > 0
+        self.completion_truncated += c_cut > 0
+        self.tokens_cut += p_cut + c_cut
+        self.largest_cut = max(self.largest_cut, p_cut + c_cut)
 
     def as_dict(self) -> dict:
         return {
@@ -63,6 +72,8 @@ class TokenStats:
             "kept": self.kept,
             "prompt_truncated": self.prompt_truncated,
             "completion_truncated": self.completion_truncated,
+            "tokens_cut": self.tokens_cut,
+            "largest_cut": self.largest_cut,
             "skipped": self.skips.total,
             "skipped_by_reason": dict(self.skips.counts),
         }
@@ -184,7 +195,9 @@ def tokenize_batch(
 ) -> list[tuple[TokenizedPair | None, str | None, bool, bool]]:
     """Tokenize and truncate a batch of pairs (the Rust tokenizer runs whole batches fast).
 
-    Returns, per pair, ``(tokenized pair or None, skip reason or None, prompt cut, completion cut)``.
+    Returns, per pair, ``(tokenized pair or None, skip reason or None, prompt cut, completion cut)``; the cuts
+    are the numbers of tokens truncation removed from the prompt and from the two completions together
+    (0: not cut).
     """
     ends = end_token_ids(tokenizer)
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
@@ -203,8 +216,10 @@ def tokenize_batch(
         if chosen == rejected:
             out.append((None, "chosen identical to rejected", False, False))
             continue
-        prompt, chosen, rejected, p_cut, c_cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length, bos,
-                                                          max_completion_length, truncation_mode)
+        full = len(prompt), len(chosen) + len(rejected)
+        prompt, chosen, rejected, _, _ = truncate(prompt, chosen, rejected, max_length, max_prompt_length, bos,
+                                                  max_completion_length, truncation_mode)
+        p_cut, c_cut = full[0] - len(prompt), full[1] - len(chosen) - len(rejected)
         if not chosen or not rejected:
             out.append((None, "completion lost to truncation", p_cut, c_cut))
             continue
@@ -233,8 +248,7 @@ def tokenize_pairs(
             if reason is not None:
                 stats.skips.add(reason, pair.where)
             else:
-                stats.prompt_truncated += p_cut
-                stats.completion_truncated += c_cut
+                stats.add_cut(p_cut, c_cut)
                 out.append(tp)
     stats.kept = len(out)
     return out

@@ -124,7 +124,8 @@ def _data_counts(run: Run) -> str:
         return "<p class='muted'>no data_counts.json</p>"
     cols = [k for k in ("train", "eval") if isinstance(dc.get(k), dict)] or [k for k, v in dc.items() if isinstance(v, dict)]
     names = [("rows_read", "rows read"), ("kept", "pairs kept"), ("prompt_truncated", "prompts truncated"),
-             ("completion_truncated", "completions truncated"), ("skipped", "dropped")]
+             ("completion_truncated", "completions truncated"), ("tokens_cut", "tokens cut by truncation"),
+             ("largest_cut", "largest cut from one pair (tokens)"), ("skipped", "dropped")]
     rows = [[label] + [dc[c].get(key, "") for c in cols] for key, label in names]
     reasons = sorted({r for c in cols for r in (dc[c].get("skipped_by_reason") or {})})
     for reason in reasons:
