@@ -233,7 +233,7 @@ def evaluate_model(cfg) -> dict:
     policy = PolicyForward(model, paths, cfg.logits_chunk)
     bf16 = cfg.precision == "bf16"
     metrics = evaluate_pairs(
-        policy, pairs, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 4),
+        policy, pairs, cfg.beta, cfg.prompt_in_nll, batch_size=cfg.eval_batch_size or max(2, cfg.batch_size * 4),
         pad_id=tokenizer.pad_token_id or 0, device=device,
         autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
     )

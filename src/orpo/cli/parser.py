@@ -167,7 +167,7 @@ def typed(ns: argparse.Namespace, skip: tuple = ("command", "config")) -> dict:
 EVAL_OPTIONS = {"model", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "beta",
                 "batch_size", "precision", "prompt_in_nll", "trust_remote_code", "allow_pickle", "strict",
                 "prefix_sharing", "packing", "attention", "logits_chunk", "eval_max_rows", "columns", "chat_template",
-                "dataset_num_proc", "model_dtype", "attn_implementation"}
+                "dataset_num_proc", "model_dtype", "attn_implementation", "eval_batch_size"}
 
 # The tools around training: report, data, generate, chat, compare.
 

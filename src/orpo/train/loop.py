@@ -122,7 +122,7 @@ def evaluate(run: Run, step: int) -> dict:
     and every pair's own values in eval_pairs.jsonl (for paired comparisons across runs)."""
     engine, pairs, cfg = run.engine, run.eval_pairs, run.cfg
     rank, world = engine.rank, engine.world
-    bs = max(2, cfg.batch_size * 2)
+    bs = cfg.eval_batch_size or max(2, cfg.batch_size * 2)
     m, values = evaluate_pairs(
         run.policy, pairs[rank::world], cfg.beta, cfg.prompt_in_nll, batch_size=bs,
         collate_fn=run.forward.collate, pad_id=run.pad_id, device=engine.device,
@@ -228,17 +228,17 @@ def after_step(run: Run, step: int, result: StepResult, log: LogWindow, progress
     saving a checkpoint)."""
     cfg, engine = run.cfg, run.engine
     log.add(result)
-    if not result.finite or step % cfg.logging_steps == 0 or step == run.total_steps:
+    if not result.finite or step % run.plan.every(cfg.logging_steps) == 0 or step == run.total_steps:
         row = log.row(run, step, result, t0)
         log_row(run, row)
         progress.update(step, row)
     if not result.finite:
         check_bad_streak(run, step, result.grad_norm)
-    if run.eval_pairs and cfg.eval_steps and step % cfg.eval_steps == 0 and step < run.total_steps:
+    if run.eval_pairs and run.plan.due(step, cfg.eval_strategy, cfg.eval_steps) and step < run.total_steps:
         run.eval_last = evaluate(run, step)
         progress.note(eval_line(run.eval_last))
     stop.flag = engine.anyone(stop.flag)  # every process must stop at the same step, whichever got the signal
-    if (cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps) or stop.flag:
+    if (run.plan.due(step, cfg.save_strategy, cfg.save_steps) and step < run.total_steps) or stop.flag:
         save(run, step, t0)
     return stop.flag
 
