@@ -304,6 +304,11 @@ class TrainConfig:
             return self.lr
         return LORA_LR if self.lora else FULL_FINETUNE_LR
 
+    def resolved_eval_batch_size(self) -> int:
+        """Pairs per evaluation forward, in training and in ``orpo eval`` alike (under bf16 autocast the
+        batch changes the last bits of a metric, so a run and its re-evaluation batch the same way)."""
+        return self.eval_batch_size or max(2, self.batch_size * 2)
+
     def to_dict(self) -> dict:
         """Plain values; in-memory data (Python only) becomes a label with its content hash, computed once
         per config object (hashing 100k rows takes seconds, and every checkpoint records the config;

@@ -122,7 +122,7 @@ def evaluate(run: Run, step: int) -> dict:
     and every pair's own values in eval_pairs.jsonl (for paired comparisons across runs)."""
     engine, pairs, cfg = run.engine, run.eval_pairs, run.cfg
     rank, world = engine.rank, engine.world
-    bs = cfg.eval_batch_size or max(2, cfg.batch_size * 2)
+    bs = cfg.resolved_eval_batch_size()
     m, values = evaluate_pairs(
         run.policy, pairs[rank::world], cfg.beta, cfg.prompt_in_nll, batch_size=bs,
         collate_fn=run.forward.collate, pad_id=run.pad_id, device=engine.device,
