@@ -43,14 +43,23 @@ def train(config: TrainConfig | None = None, **changes: Any) -> "RunResult":
     return run(cfg, argv_for_resume=["orpo.train(config, resume=True)"])
 
 
-def evaluate(model: str | Path, data: Any, **options: Any) -> dict:
+def evaluate(model: str | Path, data: Any = None, **options: Any) -> dict:
     """Held-out metrics (``eval_loss``, ``eval_rewards/accuracies``, ...) of ``model`` (a model, run-output
     model or adapter folder, or a GGUF) on ``data``, as ``orpo eval`` prints them. ``options`` are
-    TrainConfig options such as ``beta``, ``max_length``, ``columns``, ``eval_max_rows``."""
+    TrainConfig options such as ``beta``, ``max_length``, ``columns``, ``eval_max_rows``. For a run's
+    folder (or its model/ or adapter/) the run's own options apply where ``options`` leaves them unset,
+    and ``data`` defaults to the run's held-out data, so the numbers are the run's own evaluation's."""
+    import sys
+
+    from .config import eval_options, fields
+    from .config.trl_names import translate
     from .evaluate import evaluate_model
 
-    cfg = validate(TrainConfig(model=str(model), eval_data=data, **options))
-    return evaluate_model(cfg)
+    given, notes = translate(options, [f.name for f in fields()], "evaluate()")  # TRL's names too
+    values, note = eval_options(model, {**given, "model": str(model), "eval_data": data})
+    for line in notes + [note] * bool(note):
+        print(f"orpo: {line}", file=sys.stderr)
+    return evaluate_model(validate(TrainConfig(**values)))
 
 
 def export_model(src: str | Path, output_dir: str | Path | None = None, merge: bool = True, gguf: bool = False,

@@ -209,7 +209,8 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> dict:
 
 
 def evaluate_model(cfg) -> dict:
-    """``orpo eval``: the eval_ metrics of ``cfg.model`` on ``cfg.eval_data`` (a TrainConfig)."""
+    """``orpo eval``: the eval_ metrics of ``cfg.model`` on ``cfg.eval_data`` (a TrainConfig); with no
+    eval_data, on the built-in held-out set of ``cfg.seed`` (the default job's)."""
     import sys
 
     from .data.chat_templates import set_chat_template
@@ -221,20 +222,27 @@ def evaluate_model(cfg) -> dict:
     folder = resolve_model(cfg.model)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
     set_chat_template(tokenizer, cfg.chat_template, say=lambda m: print(m, file=sys.stderr, flush=True))
+    builtin = {}
+    if cfg.eval_data is None:  # a run on the built-in dataset: its held-out set (config/runs.py)
+        from .data.builtin import HELDOUT_LABEL, heldout_pairs
+
+        builtin = {"pairs": heldout_pairs(cfg.seed), "label": HELDOUT_LABEL}
     pairs, stats, report = prepare_pairs(
-        cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.eval_max_rows, cfg.strict,
+        cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.eval_max_rows, cfg.strict, **builtin,
         columns=cfg.columns, num_proc=cfg.dataset_num_proc, max_completion_length=cfg.max_completion_length,
         truncation_mode=cfg.truncation_mode,
     )
     print(report, file=sys.stderr, flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, device=device, **loading_options(cfg))
+    # an adapter stays unmerged: the model computes as it did when its run evaluated it
+    model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, device=device, merge=False,
+                       **loading_options(cfg))
     disable_dropout(model)
     paths = choose_paths(model, cfg, device, lambda msg: print(msg, file=sys.stderr, flush=True))
     policy = PolicyForward(model, paths, cfg.logits_chunk)
     bf16 = cfg.precision == "bf16"
     metrics = evaluate_pairs(
-        policy, pairs, cfg.beta, cfg.prompt_in_nll, batch_size=max(2, cfg.batch_size * 4),
+        policy, pairs, cfg.beta, cfg.prompt_in_nll, batch_size=cfg.resolved_eval_batch_size(),
         pad_id=tokenizer.pad_token_id or 0, device=device,
         autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
     )

@@ -165,16 +165,19 @@ def load_model(
     device=None,
     load_in_4bit: bool = False,
     attn_implementation: str = "auto",
+    merge: bool = True,
 ):
     """A causal LM with fp32 (or ``dtype``) weights and SDPA attention (eager where the model has no SDPA
     path; or ``attn_implementation``); with ``load_in_4bit``, its linear layers in NF4 on the current
-    CUDA device, ready for LoRA (QLoRA)."""
+    CUDA device, ready for LoRA (QLoRA). A LoRA adapter folder comes on its base model, merged unless
+    ``merge`` is false (then the model computes as it did in training, which under bf16 autocast differs
+    from the merged weights in the last bits)."""
     import torch
 
     from . import multimodal
 
     if (folder / "adapter_config.json").is_file():
-        return _load_adapter(folder, trust_remote_code, allow_pickle, dtype, device)
+        return _load_adapter(folder, trust_remote_code, allow_pickle, dtype, device, merge)
     check_weights(folder, allow_pickle)
     auto_class = multimodal.model_auto_class(folder, trust_remote_code)  # image-text checkpoints: their own class
     extra = {}
@@ -226,8 +229,8 @@ def loading_options(cfg) -> dict:
     return out
 
 
-def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device):
-    """A LoRA adapter folder: load the base model it names, apply the adapter and merge it."""
+def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device, merge: bool = True):
+    """A LoRA adapter folder: load the base model it names, apply the adapter and merge it (or not)."""
     from peft import PeftModel
 
     try:
@@ -238,7 +241,8 @@ def _load_adapter(folder: Path, trust_remote_code, allow_pickle, dtype, device):
     if not base_path.exists():
         raise UserError(f"{folder}: the adapter's base model {base_name} is not on this machine")
     base = load_model(resolve_model(str(base_path), quiet=True), trust_remote_code, allow_pickle, dtype, device)
-    return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    model = PeftModel.from_pretrained(base, str(folder))
+    return model.merge_and_unload() if merge else model
 
 
 _DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",

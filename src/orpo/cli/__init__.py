@@ -65,9 +65,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from ..evaluate import evaluate_model
 
     values = typed(ns)
-    data = values.pop("data")
-    cfg = C.build({**values, "eval_data": data})
-    metrics = evaluate_model(cfg)
+    values["eval_data"] = values.pop("data", None)
+    values, note = C.eval_options(values.get("model"), values)  # a run folder: the run's beta, max length, ...
+    if note:
+        print(f"orpo: {note}", file=sys.stderr)
+    metrics = evaluate_model(C.build(values))
     print(json.dumps(metrics))
     return 0
 

@@ -126,11 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="held-out preference metrics of a model, as one JSON object",
         description="Compute eval_ metrics (accuracy, log-probs, log-odds ratio, NLL) of a model on held-out pairs. "
-        "The JSON object is the last line of stdout.",
+        "The JSON object is the last line of stdout. On an orpo run folder (or its model/ or adapter/) the run's "
+        "own beta, max length, truncation, template and precision apply, unless given here, so the numbers are "
+        "the run's own evaluation's.",
     )
     add_config_flags(e, only=EVAL_OPTIONS)
-    e.add_argument("--data", "--eval-data", dest="data", required=True,
-                   help="held-out pairs (any supported format); --eval-data is the same flag, as train names it")
+    e.add_argument("--data", "--eval-data", dest="data", default=argparse.SUPPRESS,
+                   help="held-out pairs (any supported format); --eval-data is the same flag, as train names it. "
+                   "Optional when --model is an orpo run folder (or its model/ or adapter/): then the run's own "
+                   "held-out data")
     e.add_argument("--max-rows", dest="eval_max_rows", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
 
     # --- orpo export ------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ def typed(ns: argparse.Namespace, skip: tuple = ("command", "config")) -> dict:
 EVAL_OPTIONS = {"model", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "beta",
                 "batch_size", "precision", "prompt_in_nll", "trust_remote_code", "allow_pickle", "strict",
                 "prefix_sharing", "packing", "attention", "logits_chunk", "eval_max_rows", "columns", "chat_template",
-                "dataset_num_proc", "model_dtype", "attn_implementation"}
+                "dataset_num_proc", "model_dtype", "attn_implementation", "eval_batch_size"}
 
 # The tools around training: report, data, generate, chat, compare.
 

@@ -80,6 +80,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
                 raise UserError(f"{where}: '{name}' must be an integer, got {value!r}") from None
         else:
             raise UserError(f"{where}: '{name}' must be an integer, got {value!r}")
+    elif name in STEP_COUNTS:
+        out = _step_count(name, value, where)
     elif base is float:
         if isinstance(value, bool):
             raise UserError(f"{where}: '{name}' must be a number, got {value!r}")
@@ -99,6 +101,25 @@ def coerce(name: str, value: Any, where: str) -> Any:
     if choices and out not in choices:
         raise UserError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {out!r}{suggest(str(out), list(choices))}")
     return out
+
+
+# Counts of steps that, as in transformers, may also be a fraction of the run's steps (a value below 1).
+STEP_COUNTS = ("logging_steps", "save_steps", "eval_steps")
+
+
+def _step_count(name: str, value: Any, where: str) -> int | float:
+    """A whole number of steps (kept an int, so config.yaml reads as written) or a fraction in (0, 1)."""
+    bad = UserError(f"{where}: '{name}' must be a whole number of steps, or a fraction of the run's steps below 1; "
+                    f"got {value!r}")
+    if isinstance(value, bool):
+        raise bad
+    try:
+        out = float(str(value).replace("_", "")) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not math.isfinite(out) or (out >= 1 and not out.is_integer()):
+        raise bad
+    return int(out) if out >= 1 or out == 0 else out
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -151,10 +172,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.lora_r >= 1, f"lora_r must be >= 1; got {cfg.lora_r}")
     need(cfg.lora_alpha > 0, f"lora_alpha must be > 0; got {cfg.lora_alpha}")
     need(0 <= cfg.lora_dropout < 1, f"lora_dropout must be in [0, 1); got {cfg.lora_dropout}")
-    need(cfg.logging_steps >= 1, f"logging_steps must be >= 1; got {cfg.logging_steps}")
+    for name in STEP_COUNTS:  # TrainConfig(...) in Python checks no types: the same rule as the YAML
+        setattr(cfg, name, _step_count(name, getattr(cfg, name), "config"))
+    need(cfg.logging_steps > 0, f"logging_steps must be > 0; got {cfg.logging_steps}")
     need(cfg.save_steps >= 0, f"save_steps must be >= 0; got {cfg.save_steps}")
     need(cfg.save_total_limit >= 1, f"save_total_limit must be >= 1; got {cfg.save_total_limit}")
     need(cfg.eval_steps >= 0, f"eval_steps must be >= 0; got {cfg.eval_steps}")
+    if cfg.eval_batch_size is not None:
+        need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1; got {cfg.eval_batch_size}")
     need(cfg.eval_samples >= 0, f"eval_samples must be >= 0; got {cfg.eval_samples}")
     need(cfg.max_bad_steps >= 1, f"max_bad_steps must be >= 1; got {cfg.max_bad_steps}")
     need(cfg.logits_chunk >= 0, f"logits_chunk must be >= 0; got {cfg.logits_chunk}")

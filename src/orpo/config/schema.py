@@ -254,11 +254,36 @@ class TrainConfig:
         "the run goes on in --output-dir.",
         "run",
     )
-    logging_steps: int = opt(1, "Write a metrics row every N optimizer steps.", "run")
-    save_steps: int = opt(200, "Save a checkpoint every N optimizer steps (0: only at the end).", "run")
+    logging_steps: float = opt(
+        1, "Write a metrics row every N optimizer steps; below 1, that fraction of the run's steps, rounded up "
+        "(0.2 of 100 steps: every 20), as transformers reads it.", "run"
+    )
+    save_steps: float = opt(
+        200, "Save a checkpoint every N optimizer steps (0: only at the end; below 1: that fraction of the run's "
+        "steps, rounded up).", "run"
+    )
+    save_strategy: str = opt(
+        "steps",
+        "When checkpoints are saved: steps (every --save-steps), epoch (at each epoch's end, as transformers does; "
+        "--save-steps is then not used), no (only at the end, as --save-steps 0). The last step always saves.",
+        "run",
+        choices=("steps", "epoch", "no"),
+    )
     save_total_limit: int = opt(2, "Keep only the newest K checkpoints.", "run")
-    eval_steps: int = opt(
-        0, "Evaluate on --eval-data every N steps (0: at the start and the end only).", "run"
+    eval_steps: float = opt(
+        0, "Evaluate on --eval-data every N steps (0: at the start and the end only; below 1: that fraction of the "
+        "run's steps, rounded up).", "run"
+    )
+    eval_strategy: str = opt(
+        "steps",
+        "When --eval-data is evaluated between the start and the end: steps (every --eval-steps), epoch (at each "
+        "epoch's end; --eval-steps is then not used), no (the start and the end only).",
+        "run",
+        choices=("steps", "epoch", "no"),
+    )
+    eval_batch_size: Optional[int] = opt(
+        None, "Pairs per evaluation forward (default: twice --batch-size, at least 2); TRL's "
+        "per_device_eval_batch_size. Changes no metric, only memory and speed.", "run"
     )
     eval_samples: int = opt(
         4, "Held-out prompts whose greedy answers are saved before and after training.", "run"
@@ -269,12 +294,20 @@ class TrainConfig:
         "metrics.jsonl is always written.",
         "run",
     )
+    run_name: Optional[str] = opt(
+        None, "The run's name in wandb, mlflow and trackio (TRL's run_name); default: theirs.", "run"
+    )
 
     # ---------------------------------------------------------------------------------------------
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
         return LORA_LR if self.lora else FULL_FINETUNE_LR
+
+    def resolved_eval_batch_size(self) -> int:
+        """Pairs per evaluation forward, in training and in ``orpo eval`` alike (under bf16 autocast the
+        batch changes the last bits of a metric, so a run and its re-evaluation batch the same way)."""
+        return self.eval_batch_size or max(2, self.batch_size * 2)
 
     def to_dict(self) -> dict:
         """Plain values; in-memory data (Python only) becomes a label with its content hash, computed once
@@ -313,7 +346,7 @@ class TrainConfig:
 # changes the learning rates of the remaining steps, as the user asked).
 NOT_IN_FINGERPRINT = frozenset({"output_dir", "overwrite", "resume", "logging_steps", "save_steps", "save_total_limit",
                                 "eval_steps", "eval_samples", "max_steps", "max_bad_steps", "report_to", "resume_from",
-                                "dataset_num_proc"})
+                                "dataset_num_proc", "save_strategy", "eval_strategy", "eval_batch_size", "run_name"})
 
 _dataclass_init = TrainConfig.__init__
 

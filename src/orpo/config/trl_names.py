@@ -36,6 +36,11 @@ def _comma(v: Any) -> Any:
     return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def _strategy(v: Any) -> Any:
+    # YAML reads a bare `no` as false: transformers' "no" strategy
+    return "no" if v is False else v
+
+
 def _scheduler(v: Any) -> dict:
     # TRL/transformers' "constant_with_warmup" is orpo's "constant": orpo's warmup applies to every schedule.
     return {"scheduler": {"constant_with_warmup": "constant"}.get(v, v)}
@@ -84,15 +89,23 @@ ALIASES: dict[str, Translate] = {
     "resume_from_checkpoint": lambda v: ({"resume": _truthy("resume_from_checkpoint", v)}
                                          if isinstance(v, bool) or str(v).lower() in ("true", "false")
                                          else {"resume_from": v}),
-    "save_strategy": lambda v: {} if v == "steps" else ({"save_steps": 0} if v == "no" else {"save_strategy": v}),
+    "evaluation_strategy": lambda v: {"eval_strategy": _strategy(v)},  # transformers' name before 4.46
+    "per_device_eval_batch_size": _to("eval_batch_size"),
+}
+
+# TRL keys that change neither the trained model nor orpo's files: read, whatever their value, with a note
+# saying what orpo does instead.
+NOTED: dict[str, str] = {
+    "log_level": "sets how much transformers prints; orpo prints its own lines",
+    "logging_dir": "is TensorBoard's folder in transformers; orpo's TensorBoard logs go to output_dir/orpo",
+    "logging_first_step": "logs step 1 in transformers; orpo logs the step-0 evaluation, then every logging_steps",
+    "do_eval": "is read by TRL's scripts, not by its trainer; orpo evaluates whenever eval_data is given",
 }
 
 # TRL keys whose value, when it is one of these, is what orpo does anyway: read with a note, no option set.
 SAME_AS_ORPO: dict[str, tuple] = {
     "logging_strategy": ("steps",),
-    "eval_strategy": ("steps",),
     "do_train": (True,),
-    "do_eval": (True, False),
     "fp16": (False,),
     "push_to_hub": (False,),
     "remove_unused_columns": (True, False),
@@ -100,11 +113,11 @@ SAME_AS_ORPO: dict[str, tuple] = {
 
 # TRL names orpo knows it has nothing for; named as such in the error rather than as a typo.
 NO_COUNTERPART = frozenset({
-    "fp16", "tf32", "per_device_eval_batch_size", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
-    "eval_strategy", "logging_strategy", "logging_first_step", "logging_dir", "run_name", "label_pad_token_id",
+    "fp16", "tf32", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
+    "logging_strategy", "label_pad_token_id",
     "padding_value", "is_encoder_decoder", "generate_during_eval", "model_adapter_name", "ref_adapter_name",
     "gradient_checkpointing_kwargs", "ddp_find_unused_parameters", "dataloader_num_workers", "lr_scheduler_kwargs",
-    "eval_accumulation_steps", "log_level", "warmup_steps_ratio", "save_strategy", "optim_args",
+    "eval_accumulation_steps", "warmup_steps_ratio", "optim_args",
 })
 
 
@@ -114,6 +127,8 @@ def _value_fix(key: str, value: Any) -> tuple[Any, str | None]:
         return None, "reading TRL's max_steps: -1 as no step limit"
     if key in ("report_to", "lora_target") and isinstance(value, (list, tuple)):
         return _comma(value), None
+    if key in ("save_strategy", "eval_strategy"):
+        return _strategy(value), None
     if key == "report_to" and value in ("all",):
         raise UserError("report_to: 'all' is TRL's 'every installed tracker'; name the trackers you want")
     return value, None
@@ -123,7 +138,7 @@ def _targets(name: str) -> str:
     """The orpo option(s) a TRL key sets, for messages."""
     if name == "model_init_kwargs":
         return "model_dtype, attn_implementation, trust_remote_code"
-    sample = {"bf16": True, "disable_dropout": True, "save_strategy": "no"}.get(name, "x")
+    sample = {"bf16": True, "disable_dropout": True}.get(name, "x")
     return ", ".join(ALIASES[name](sample))
 
 
@@ -160,6 +175,8 @@ def translate(raw: dict, orpo_names: list[str], where: str) -> tuple[dict, list[
             if note:
                 notes.append(note)
             put(name, value, name)
+        elif name in NOTED:
+            notes.append(f"TRL's {name} {NOTED[name]}")
         elif name in SAME_AS_ORPO and value in SAME_AS_ORPO[name]:
             notes.append(f"TRL's {name}: {value} is what orpo does; nothing to set")
         elif name in ALIASES:

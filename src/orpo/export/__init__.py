@@ -27,7 +27,7 @@ from ..multimodal import loader_name
 from ..model import load_model  # noqa: F401 - the old single module exposed it; callers still use it
 from .card import model_card, write_model_card
 from .gguf import GGUF_TYPES, SUPPORTED_ARCHITECTURES, VERIFY_TEXTS, check_gguf_support, gguf_tensors, tokenizer_metadata, verify_gguf, write_gguf
-from .source import Source, find_source, load_source, source_gguf, write_merged
+from .source import Source, _adapter_base, find_source, load_source, source_gguf, write_merged
 
 __all__ = ["ExportResult", "GGUF_TYPES", "SUPPORTED_ARCHITECTURES", "Source", "VERIFY_TEXTS", "check_gguf_support",
            "export", "find_source", "gguf_tensors", "load_source", "model_card", "source_gguf", "tokenizer_metadata",
@@ -54,6 +54,8 @@ def export(src: str | Path, dest: str | Path | None = None, merge: bool = True, 
     for d in (source.model_dir, source.adapter):
         if d is not None and dest.resolve() == d.resolve():
             raise UserError(f"--output {dest}: is the source folder itself; pick another folder")
+    if gguf:
+        _check_config_first(source)  # before loading a model that could not be written
     model, tokenizer, base = load_source(source, say=say)
     if gguf:
         check_gguf_support(model.config)  # before writing anything
@@ -81,3 +83,20 @@ def export(src: str | Path, dest: str | Path | None = None, merge: bool = True, 
     result.card = write_model_card(dest, source.run_dir, source.adapter or source.model_dir, source.notes)
     say(f"model card: {result.card}")
     return result
+
+
+def _check_config_first(source) -> None:
+    """check_gguf_support on the model's config.json (or its adapter's base model's), where one can be read."""
+    from transformers import AutoConfig
+
+    folder = source.model_dir
+    if folder is None and source.adapter is not None:
+        base = _adapter_base(source.adapter)
+        folder = base if base is not None and (base / "config.json").is_file() else None
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return  # the check after loading still runs
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, OSError, KeyError):
+        return
+    check_gguf_support(config)

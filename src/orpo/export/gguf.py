@@ -45,13 +45,21 @@ def _rope_rows_to_gguf(w, n_heads: int):
     return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# What to do with a model orpo does not write as GGUF (docs/export.md says the same).
+ELSEWHERE = "export it with --merge and convert that folder with llama.cpp's convert_hf_to_gguf.py"
+
+
 def check_gguf_support(config) -> None:
+    """Refuse, in one line, what orpo's GGUF writer does not handle: any architecture but Llama's
+    (``LlamaForCausalLM``, model_type ``llama``), and, within Llama, biases, another activation and RoPE
+    scaling (Llama 3.1/3.2's ``llama3`` RoPE among them)."""
     archs = list(getattr(config, "architectures", None) or [])
     arch = archs[0] if archs else type(config).__name__
     if getattr(config, "model_type", None) != "llama" or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
         raise UserError(
             f"--gguf: architecture {arch} is not supported; orpo writes GGUF for "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (use --merge for safetensors, then llama.cpp's own converter)"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} only (SmolLM, SmolLM2, Llama 3.0: plain RoPE, byte-level BPE); "
+            f"{ELSEWHERE}"
         )
     problems = []
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
@@ -62,7 +70,8 @@ def check_gguf_support(config) -> None:
     if rope.get("rope_type", "default") != "default":
         problems.append(f"RoPE scaling {rope.get('rope_type')!r}")
     if problems:
-        raise UserError(f"--gguf: this Llama model has {', '.join(problems)}, which orpo's GGUF export does not handle")
+        raise UserError(f"--gguf: this Llama model has {', '.join(problems)}, which orpo's GGUF export does not "
+                        f"handle; {ELSEWHERE}")
 
 
 def _rope_params(config) -> dict:

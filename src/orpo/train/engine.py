@@ -190,7 +190,7 @@ class Engine:
     def init_trackers(self) -> None:
         if self.trackers:
             config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.cfg.to_dict().items()}
-            self.accelerator.init_trackers("orpo", config=config)
+            self.accelerator.init_trackers("orpo", config=config, init_kwargs=tracker_names(self.cfg.run_name))
 
     def track(self, row: dict) -> None:
         if self.accelerator.trackers:
@@ -225,3 +225,11 @@ def configure_deepspeed(accelerator, policy: PolicyForward, cfg: TrainConfig) ->
         for p in (head.weight, head.bias):
             if p is not None:
                 deepspeed.zero.register_external_parameter(policy, p)
+
+
+def tracker_names(run_name: str | None) -> dict:
+    """``--run-name`` (TRL's run_name) as each tracker's own keyword for a run's name, for Accelerate's
+    ``init_trackers`` (TensorBoard has none: its runs are folders, OUT/orpo)."""
+    if not run_name:
+        return {}
+    return {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}, "trackio": {"name": run_name}}

@@ -123,7 +123,7 @@ def evaluate(run: Run, step: int) -> dict:
     and every pair's own values in eval_pairs.jsonl (for paired comparisons across runs)."""
     engine, pairs, cfg = run.engine, run.eval_pairs, run.cfg
     rank, world = engine.rank, engine.world
-    bs = max(2, cfg.batch_size * 2)
+    bs = cfg.resolved_eval_batch_size()
     m, values = evaluate_pairs(
         run.policy, pairs[rank::world], cfg.beta, cfg.prompt_in_nll, batch_size=bs,
         collate_fn=run.forward.collate, pad_id=run.pad_id, device=engine.device,
@@ -250,7 +250,7 @@ def after_step(run: Run, step: int, result: StepResult, log: LogWindow, progress
     cfg, engine = run.cfg, run.engine
     seconds = log.add(result, step)
     rows = []
-    if (step % cfg.logging_steps == 0 or step == run.total_steps) and not log.empty:
+    if (step % run.plan.every(cfg.logging_steps) == 0 or step == run.total_steps) and not log.empty:
         rows.append(log.row(run, t0))  # (as of its last finite step, before a skipped step's own row)
     if not result.finite:
         rows.append(log.skipped_row(run, step, result, seconds, t0))
@@ -259,7 +259,7 @@ def after_step(run: Run, step: int, result: StepResult, log: LogWindow, progress
         progress.update(row["step"], row)
     if not result.finite:
         check_bad_streak(run, step, result.grad_norm)
-    if run.eval_pairs and cfg.eval_steps and step % cfg.eval_steps == 0 and step < run.total_steps:
+    if run.eval_pairs and run.plan.due(step, cfg.eval_strategy, cfg.eval_steps) and step < run.total_steps:
         run.eval_last = evaluate(run, step)
         progress.note(eval_line(run.eval_last))
     stop.flag = engine.anyone(stop.flag)  # every process must stop at the same step, whichever got the signal
@@ -267,7 +267,7 @@ def after_step(run: Run, step: int, result: StepResult, log: LogWindow, progress
         row = log.row(run, t0)
         log_row(run, row)
         progress.update(row["step"], row)
-    if (cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps) or stop.flag:
+    if (run.plan.due(step, cfg.save_strategy, cfg.save_steps) and step < run.total_steps) or stop.flag:
         save(run, step, t0)
     return stop.flag
 

@@ -55,6 +55,20 @@ class StepPlan:
         slots = np.array_split(self.step_pairs(step), self.grad_accum * self.world)
         return [slots[m * self.world + rank] for m in range(self.grad_accum)]
 
+    def every(self, steps: float) -> int:
+        """Steps between two logs, evaluations or saves: ``steps`` itself, or, below 1, that fraction of the
+        run's steps rounded up, as transformers reads logging/eval/save steps (0.2 of 100 steps: 20)."""
+        return math.ceil(self.total_steps * steps) if 0 < steps < 1 else int(steps)
+
+    def due(self, step: int, strategy: str, steps: float) -> bool:
+        """Whether a save or evaluation falls after optimizer step ``step`` (1-based count of steps done):
+        every ``steps`` steps, at each epoch's end (``strategy == "epoch"``), or never (``"no"``, or 0
+        steps); the run's start and end are the loop's business."""
+        if strategy == "epoch":
+            return step % self.steps_per_epoch == 0
+        n = self.every(steps)
+        return strategy == "steps" and n > 0 and step % n == 0
+
     def epoch_at(self, step: int) -> float:
         """Epochs completed after ``step`` (0-based) finishes."""
         return (step + 1) / self.steps_per_epoch
