@@ -78,23 +78,33 @@ def head_transform(config) -> tuple[float, float | None]:
     return scale, getattr(config, "final_logit_softcapping", None) or None
 
 
+def layer_spans(config) -> dict | tuple:
+    """What each layer may see: {layer type: (window, chunk)}, or one (window, chunk) for every layer
+    (see :func:`orpo.attention.config_spans`). The dense mask carries one mask per layer type, and
+    FlexAttention one BlockMask per distinct (window, chunk)."""
+    return attention.config_spans(config)
+
+
 def layer_windows(config) -> dict | int | None:
-    """The sliding windows the dense mask must carry: {layer type: window or None} for configs with
-    per-layer types, else one window for every layer (or None)."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        window = None
-    types = getattr(config, "layer_types", None)
-    if types:
-        return {t: (window if "sliding" in t else None) for t in set(types)}
-    return window
+    """The sliding windows alone: {layer type: window or None} for configs with per-layer types, else
+    one window for every layer (or None)."""
+    spans = layer_spans(config)
+    return {t: w for t, (w, _) in spans.items()} if isinstance(spans, dict) else spans[0]
 
 
 def smallest_window(config) -> int | None:
-    """The shortest sliding window of any layer (None: no layer slides)."""
-    windows = layer_windows(config)
-    ws = [w for w in (windows.values() if isinstance(windows, dict) else [windows]) if w]
-    return min(ws) if ws else None
+    """The shortest sliding window or attention chunk of any layer (None: every layer sees its whole
+    sequence): a pair longer than it is needed to see the limit at work."""
+    spans = layer_spans(config)
+    limits = [x for span in (spans.values() if isinstance(spans, dict) else [spans]) for x in span if x]
+    return min(limits) if limits else None
+
+
+def decoder_of(lm) -> nn.Module:
+    """The decoder stack under the head: ``get_decoder()``, except where transformers' lookup returns
+    the CausalLM itself (Llama-4's text model), whose decoder is its ``model``."""
+    decoder = lm.get_decoder()
+    return lm.model if decoder is lm and isinstance(getattr(lm, "model", None), nn.Module) else decoder
 
 
 class PolicyForward(nn.Module):
@@ -120,8 +130,8 @@ class PolicyForward(nn.Module):
         else:
             attention.disable(lm.config)
         self.scale, self.softcap = head_transform(lm.config)
-        self.windows = layer_windows(lm.config)
-        self.window = smallest_window(lm.config)  # FlexAttention's one block mask serves every layer
+        self.spans = layer_spans(lm.config)  # the dense mask: one per layer type
+        self.flex_spans = attention.model_spans(lm.config)  # FlexAttention: one BlockMask per (window, chunk)
         # the chunked head reads the weight directly (DeepSpeed ZeRO-3 must gather it for the whole forward)
         self.plain_head = paths.head == "linear"
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # read by FSDP's auto-wrap
@@ -144,7 +154,7 @@ class PolicyForward(nn.Module):
                 kwargs["position_ids"] = torch.nn.functional.pad(batch.position_ids, (0, t_pad - t))
                 src = (src // t) * t_pad + src % t
             kwargs["attention_mask"] = attention.placeholder_mask(batch.layout.rows, ids.device)
-            kwargs["orpo_block_mask"] = attention.flex_block_mask(batch.layout, t_pad, ids.device, self.window)
+            kwargs["orpo_block_masks"] = attention.flex_block_masks(batch.layout, t_pad, ids.device, self.flex_spans)
         elif mode == "blocks":
             kwargs["attention_mask"] = attention.placeholder_mask(batch.layout.rows, ids.device)
             kwargs["orpo_layout"] = batch.layout
@@ -155,7 +165,7 @@ class PolicyForward(nn.Module):
             kwargs["attention_mask"] = batch.layout.padding_mask(ids.device)
         if self.paths.head == "model":
             return self._model_head_logps(lm, kwargs, src, batch.target)
-        out = lm.get_decoder()(**kwargs)
+        out = decoder_of(lm)(**kwargs)
         hidden = out.last_hidden_state.flatten(0, 1).index_select(0, src)
         head = lm.get_output_embeddings()
         if self.plain_head:
@@ -166,20 +176,20 @@ class PolicyForward(nn.Module):
 
     def _dense_masks(self, lm, batch: Batch):
         """The layout as the model's own attention expects it: bool for SDPA, additive for eager, and one
-        mask per layer type where layers differ (sliding windows)."""
+        mask per layer type where layers differ (sliding windows, attention chunks)."""
         dev = batch.input_ids.device
         additive = attention.loaded_attention(lm.config) == "eager"
 
-        def one(window):
-            m = batch.layout.dense_mask(dev, window)
+        def one(span):
+            m = batch.layout.dense_mask(dev, *span)
             if additive:
                 dtype = lm.get_input_embeddings().weight.dtype
                 return torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill_(~m, torch.finfo(dtype).min)
             return m
 
-        if isinstance(self.windows, dict):
-            return {t: one(w) for t, w in self.windows.items()}
-        return one(self.windows)
+        if isinstance(self.spans, dict):
+            return {t: one(span) for t, span in self.spans.items()}
+        return one(self.spans)
 
     def _model_head_logps(self, lm, kwargs, src, targets):
         """The model's whole forward, logits only where a scored token is predicted (one row: exactly
