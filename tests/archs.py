@@ -67,11 +67,10 @@ ARCHS = {
 }
 
 
-def build(name: str, seed: int = 0, std: float = 0.3, window: int | None = None):
-    """A tiny random fp32 model of architecture ``name`` (a key of ARCHS), loaded the way orpo loads
-    models (SDPA where transformers has it, else eager); ``window`` replaces every window and chunk."""
+def config(name: str, window: int | None = None):
+    """The config of architecture ``name`` (a key of ARCHS); ``window`` replaces every window and chunk."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     transformers.logging.set_verbosity_error()
     spec = dict(ARCHS[name][0])
@@ -81,7 +80,15 @@ def build(name: str, seed: int = 0, std: float = 0.3, window: int | None = None)
     kwargs.update(spec)
     if window is not None:
         kwargs.update({k: window for k in _WINDOW_KEYS if k in kwargs})
-    cfg = AutoConfig.for_model(model_type, **kwargs)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build(name: str, seed: int = 0, std: float = 0.3, window: int | None = None):
+    """A tiny random fp32 model of architecture ``name`` (a key of ARCHS), loaded the way orpo loads
+    models (SDPA where transformers has it, else eager); ``window`` replaces every window and chunk."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(name, window)
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")

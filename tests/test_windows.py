@@ -20,7 +20,7 @@ from orpo.data.batching import collate
 from orpo.data.templates import TokenizedPair
 from orpo.forward import PolicyForward
 
-from archs import ARCHS, VOCAB, W, build
+from archs import ARCHS, VOCAB, W, build, config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 SHAPES = [(100, 120, 70), (30, 200, 150), (5, 40, 3)]
 TOL = 1e-4  # fp32: blocks sum in another order than one sequence per row
 FAST = [n for n, (_, path) in ARCHS.items() if path != "separate"]
-LIMITED = [n for n in FAST if attention.config_spans(build(n).config) not in ((None, None),)]
+LIMITED = [n for n in FAST if attention.model_spans(config(n)) != {(None, None)}]
 MIXED = ["gemma2", "gemma3", "gemma4", "gpt_oss", "olmo3", "exaone4", "cohere2", "qwen2-window", "llama4"]
 
 
@@ -149,7 +149,7 @@ def test_one_block_mask_for_every_layer_is_seen(name, monkeypatch):
 def test_layer_spans_follow_the_checkpoint_patterns():
     """The per-layer limits, read as the model reads them for its masks."""
     def per_layer(name):
-        cfg = build(name).config
+        cfg = config(name)
         spans = attention.config_spans(cfg)
         return [spans[t] for t in cfg.layer_types] if isinstance(spans, dict) else [spans] * cfg.num_hidden_layers
 

@@ -95,7 +95,7 @@ def layer_windows(config) -> dict | int | None:
 def smallest_window(config) -> int | None:
     """The shortest sliding window or attention chunk of any layer (None: every layer sees its whole
     sequence): a pair longer than it is needed to see the limit at work."""
-    spans = layer_spans(config)
+    spans = attention.config_spans(config)
     limits = [x for span in (spans.values() if isinstance(spans, dict) else [spans]) for x in span if x]
     return min(limits) if limits else None
 
