@@ -161,3 +161,18 @@ def test_layer_spans_follow_the_checkpoint_patterns():
     assert per_layer("llama4") == [c, c, c, f]
     assert per_layer("mistral") == [s, s]
     assert per_layer("llama") == [f, f]
+
+
+def test_layer_span_reads_the_layer_type_and_checks_the_window_passed():
+    from types import SimpleNamespace
+
+    cfg = config("gemma3")
+    sliding, full = SimpleNamespace(config=cfg, layer_idx=0), SimpleNamespace(config=cfg, layer_idx=5)
+    assert attention.layer_span(sliding, {"sliding_window": W}) == (W, None)
+    assert attention.layer_span(full, {"sliding_window": None}) == (None, None)
+    with pytest.raises(ValueError, match="passes sliding_window"):  # a layer that disagrees: the path is refused
+        attention.layer_span(full, {"sliding_window": W})
+    # no layer index: the window the layer passes, unless some layers are chunked (Llama-4: refused)
+    assert attention.layer_span(SimpleNamespace(config=cfg), {"sliding_window": W}) == (W, None)
+    with pytest.raises(ValueError, match="no layer index"):
+        attention.layer_span(SimpleNamespace(config=config("llama4")), {})

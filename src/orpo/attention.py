@@ -62,9 +62,12 @@ def layer_span(module, kwargs) -> tuple:
     if isinstance(spans, dict):
         types = module.config.get_text_config().layer_types if hasattr(module.config, "get_text_config") \
             else module.config.layer_types
-        if idx is None or not 0 <= idx < len(types):
+        if idx is not None and 0 <= idx < len(types):
+            span = spans[types[idx]]
+        elif not any(c for _, c in spans.values()):  # no layer index: the window the layer passes
+            span = (kwargs.get("sliding_window"), None)
+        else:
             raise ValueError(f"{type(module).__name__} has no layer index to pick its layer type by")
-        span = spans[types[idx]]
     else:
         span = spans
     if "sliding_window" in kwargs and kwargs["sliding_window"] != span[0]:
