@@ -176,3 +176,29 @@ def test_layer_span_reads_the_layer_type_and_checks_the_window_passed():
     assert attention.layer_span(SimpleNamespace(config=cfg), {"sliding_window": W}) == (W, None)
     with pytest.raises(ValueError, match="no layer index"):
         attention.layer_span(SimpleNamespace(config=config("llama4")), {})
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_llama4_rows_stay_below_its_temperature_index(guard, monkeypatch):
+    """Llama-4's NoPE layers scale queries by the token's index in the row once it reaches floor_scale - 1
+    (8191 in the checkpoints; 64 here): rows that long are unpacked, then split one sequence per row."""
+    import orpo.forward as fwd
+
+    model = build("llama4").eval()
+    model.config.floor_scale = 64
+    for layer in model.model.layers:
+        layer.self_attn.floor_scale = 64
+    if not guard:
+        monkeypatch.setattr(fwd, "row_limit", lambda config: None)
+    pairs = _pairs()
+    with torch.no_grad():
+        want = _stock(model, pairs)
+        policy = PolicyForward(model, "blocks")
+        batch = policy.collate(pairs, False)
+        got = policy(batch)
+    attention.disable(model.config)
+    if guard:
+        assert policy.row_limit == 63 and batch.layout.rows == 2 * len(pairs)
+        assert _off(got, want) <= TOL
+    else:
+        assert float((got - want).abs().max()) > 100 * TOL

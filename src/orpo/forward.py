@@ -100,6 +100,19 @@ def smallest_window(config) -> int | None:
     return min(limits) if limits else None
 
 
+def row_limit(config) -> int | None:
+    """The longest row a fast layout may build for this model (None: any). Llama-4 scales the queries of
+    its NoPE layers by 1 + attn_scale * log1p(floor((i + 1) / floor_scale)), with i the token's *index in
+    the row*, not its position id (``attn_temperature_tuning``): a token at index floor_scale - 1 or more
+    of a packed or prefix-shared row gets another scale than in its own sequence. Rows up to
+    floor_scale - 1 tokens (8191 in the released checkpoints) are exact."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    nope = [layer for layer, rope in enumerate(getattr(config, "no_rope_layers", None) or []) if not rope]
+    if getattr(config, "attn_temperature_tuning", False) and nope and getattr(config, "floor_scale", None):
+        return int(config.floor_scale) - 1
+    return None
+
+
 def decoder_of(lm) -> nn.Module:
     """The decoder stack under the head: ``get_decoder()``, except where transformers' lookup returns
     the CausalLM itself (Llama-4's text model), whose decoder is its ``model``."""
@@ -132,13 +145,22 @@ class PolicyForward(nn.Module):
         self.scale, self.softcap = head_transform(lm.config)
         self.spans = layer_spans(lm.config)  # the dense mask: one per layer type
         self.flex_spans = attention.model_spans(lm.config)  # FlexAttention: one BlockMask per (window, chunk)
+        self.row_limit = row_limit(lm.config)
         # the chunked head reads the weight directly (DeepSpeed ZeRO-3 must gather it for the whole forward)
         self.plain_head = paths.head == "linear"
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # read by FSDP's auto-wrap
 
     def collate(self, pairs, prompt_in_nll: bool, pad_id: int = 0) -> Batch:
         """A micro-batch laid out the way this forward runs it."""
-        return collate(pairs, self.paths.prefix_sharing, self.paths.packing, prompt_in_nll, pad_id)
+        share, pack = self.paths.prefix_sharing, self.paths.packing
+        batch = collate(pairs, share, pack, prompt_in_nll, pad_id)
+        if self.row_limit and batch.layout.length > self.row_limit and (share or pack):
+            # rows too long for this model's fast layouts (see row_limit): unpacked, and if still too long
+            # one sequence per row, where every token sits at the index it has in its own sequence
+            batch = collate(pairs, share, False, prompt_in_nll, pad_id)
+            if batch.layout.length > self.row_limit:
+                batch = collate(pairs, False, False, prompt_in_nll, pad_id)
+        return batch
 
     def forward(self, batch: Batch) -> torch.Tensor:
         lm = base_causal_lm(self.model)
