@@ -42,6 +42,8 @@ ARCHS = {
     "smollm3": (dict(), "blocks"),
     "starcoder2": (dict(sliding_window=W), "blocks"),
     "mixtral": (dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=W), "blocks"),
+    "qwen2_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32), "blocks"),
     "cohere": (dict(logit_scale=0.5), "blocks"),
     "granite": (dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
                      attention_multiplier=0.3), "blocks"),

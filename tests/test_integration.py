@@ -71,3 +71,17 @@ def test_smollm2_trains_two_steps_on_hh_rlhf(tmp_path, smollm2):
         assert -20 < r["logps/chosen"] < 0 and r["pair_tokens"] > 0
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.model_type == "llama"
+
+
+def test_smollm2_bf16_weights_keep_the_fast_path(smollm2):
+    """--model-dtype bfloat16 used to fall back to one sequence per row (bf16 rounding against fp32
+    tolerances); with LoRA attached and bf16 autocast too, as the default recipe trains."""
+    from orpo.model import add_lora, disable_dropout, load_model
+    from orpo.support import decide
+
+    model = load_model(smollm2[1], dtype=torch.bfloat16)
+    disable_dropout(model)
+    paths = decide(model, max_length=1024, precision="bf16")
+    assert paths.name == "blocks/linear", paths.rejected
+    paths = decide(add_lora(model, 16, 32, 0.05, "all-linear"), max_length=1024, precision="bf16")
+    assert paths.name == "blocks/linear", paths.rejected

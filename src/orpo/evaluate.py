@@ -21,7 +21,8 @@ import torch
 
 from .data.batching import nll_tokens
 from .data.templates import TokenizedPair
-from .loss import KIND_CHOSEN, KIND_PROMPT, metric_vector, odds_ratio_loss, orpo_loss, sequence_logps, summarize
+from .loss import (KIND_CHOSEN, KIND_PROMPT, METRIC_SIZE, metric_vector, odds_ratio_loss, orpo_loss, sequence_logps,
+                   summarize)
 from .stats import bootstrap_mean_ci, bootstrap_ratio_ci
 
 
@@ -94,7 +95,7 @@ def evaluate_pairs(
         rows = torch.tensor(positions[s : s + batch.n_pairs], dtype=torch.long, device=table.device)
         table[rows] = _pair_values(logps, batch, prompt_in_nll).to(table.device)
     if total is None:
-        total = torch.zeros(4 + 8, dtype=torch.float64, device=device)
+        total = torch.zeros(METRIC_SIZE, dtype=torch.float64, device=device)
     if reduce is not None:
         total = reduce(total)
         table = reduce(table)

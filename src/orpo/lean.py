@@ -5,6 +5,7 @@ input; see :func:`lean_activations`."""
 from __future__ import annotations
 
 import functools
+import inspect
 
 from .model import base_causal_lm
 
@@ -63,6 +64,19 @@ def _lean_mlp_forward(module, x):
     return module.down_proj(_gated(module.act_fn, gate, up))
 
 
+def _takes_one_input(module) -> bool:
+    """Whether the module's own ``forward`` takes exactly one argument (the hidden states) and nothing
+    else: the only call the lean forwards replace and the only one ``_same_numbers`` can prove. A norm
+    whose forward takes more (Granite-4.0-H's gated RMSNorm is called as ``norm(x, gate)``), optional
+    or not, or ``*args`` / ``**kwargs``, is left alone."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 def _same_numbers(module, lean_forward) -> bool:
     """Whether ``lean_forward`` gives the module's own output and gradients (input and weights) on a
     random input, in training mode: the proof a module needs before it is patched."""
@@ -103,7 +117,9 @@ def lean_activations(model) -> int:
     rounding); the MLP's recomputation runs the model's own activation on the same input
     (non-reentrant ``torch.utils.checkpoint``, bitwise equal). A module is patched only after its
     patched forward and backward are checked against its own on a random input (a norm with another
-    formula, Gemma's ``1 + weight`` say, or an MLP wired otherwise is left alone). Only instance
+    formula, Gemma's ``1 + weight`` say, or an MLP wired otherwise is left alone), and only when its own
+    forward takes the one input the check calls it with (a forward that takes a gate or any other
+    argument is left alone, so the check always proves the call the model makes). Only instance
     ``forward`` attributes change: weights, state dict and saving are untouched, and in eval or under
     ``no_grad`` the original forward runs. Not for sharded engines (ZeRO-3 gathers weights in module
     hooks that a recomputation would bypass), layer checkpointing (which recomputes everything anyway)
@@ -117,7 +133,7 @@ def lean_activations(model) -> int:
             lean = functools.partial(_lean_mlp_forward, module)
         else:
             continue
-        if _same_numbers(module, lean):
+        if _takes_one_input(module) and _same_numbers(module, lean):
             module.forward = lean
             changed += 1
     return changed

@@ -95,6 +95,7 @@ class ORPOLoss:
     nll_tokens: torch.Tensor  # number of NLL tokens
     or_sum: torch.Tensor  # sum of L_OR over pairs
     pair_sums: dict[str, torch.Tensor]  # sums over pairs of the per-pair metrics (TRL's names)
+    aux_sum: torch.Tensor | None = None  # the MoE router loss term in ``loss`` times the pairs (orpo.router)
 
 
 def orpo_loss(
@@ -264,22 +265,30 @@ PAIR_METRICS = (
 )
 
 
+METRIC_SIZE = 4 + len(PAIR_METRICS) + 1
+
+
 def metric_vector(part: ORPOLoss, n_pairs: int) -> torch.Tensor:
-    """A flat fp64 vector of sums [nll_sum, nll_tokens, or_sum, n_pairs, *PAIR_METRICS]. Vectors add
-    across micro-batches, and across processes with one all-reduce."""
+    """A flat fp64 vector of METRIC_SIZE sums [nll_sum, nll_tokens, or_sum, n_pairs, *PAIR_METRICS,
+    aux_sum]. Vectors add across micro-batches, and across processes with one all-reduce."""
     vals = [part.nll_sum, part.nll_tokens, part.or_sum, torch.tensor(float(n_pairs), device=part.nll_sum.device)]
     vals += [part.pair_sums[k] for k in PAIR_METRICS]
+    vals.append(part.aux_sum if part.aux_sum is not None else torch.zeros((), device=part.nll_sum.device))
     # Stays on the device: the caller reads it back once per optimizer step, not once per micro-batch.
     return torch.stack([v.detach().double().reshape(()) for v in vals])
 
 
 def summarize(vec: torch.Tensor, beta: float) -> dict[str, float]:
     """Means from a summed :func:`metric_vector`: the NLL per token, everything else per pair.
-    ``loss`` is the step's objective, NLL + beta * mean L_OR."""
+    ``loss`` is the step's objective, NLL + beta * mean L_OR (+ the MoE router loss term, which is also
+    ``router_aux_loss``, where the model has it on)."""
     v = vec.tolist()
     nll_sum, nll_tokens, or_sum, n_pairs = v[:4]
     nll = nll_sum / max(nll_tokens, 1.0)
-    out = {"loss": nll + beta * or_sum / max(n_pairs, 1.0), "nll_loss": nll}
+    aux = v[4 + len(PAIR_METRICS)] / max(n_pairs, 1.0)
+    out = {"loss": nll + beta * or_sum / max(n_pairs, 1.0) + aux, "nll_loss": nll}
     for k, s in zip(PAIR_METRICS, v[4:]):
         out[k] = s / max(n_pairs, 1.0)
+    if aux:
+        out["router_aux_loss"] = aux
     return out

