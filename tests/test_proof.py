@@ -67,8 +67,8 @@ def _leaky_blocks(monkeypatch):
     """Block attention that lets a further completion see every other completion of its pair."""
     real = batching.Layout.block_mask
 
-    def leaky(self, prompt_len, length, first, window, device):
-        m = real(self, prompt_len, length, first, window, device)
+    def leaky(self, prompt_len, length, first, window, device, chunk=None):
+        m = real(self, prompt_len, length, first, window, device, chunk)
         return torch.ones_like(m) if not first else m
 
     monkeypatch.setattr(batching.Layout, "block_mask", leaky)
@@ -148,8 +148,8 @@ def test_a_leak_only_at_low_precision_is_caught(monkeypatch):
     """A path that is exact in fp32 and leaks under bf16 autocast: the miniature's bf16 stage sees it."""
     real = batching.Layout.block_mask
 
-    def leaky_in_bf16(self, prompt_len, length, first, window, device):
-        m = real(self, prompt_len, length, first, window, device)
+    def leaky_in_bf16(self, prompt_len, length, first, window, device, chunk=None):
+        m = real(self, prompt_len, length, first, window, device, chunk)
         return torch.ones_like(m) if not first and torch.is_autocast_enabled("cpu") else m
 
     monkeypatch.setattr(batching.Layout, "block_mask", leaky_in_bf16)
@@ -205,8 +205,8 @@ def test_a_window_of_64_is_proven_on_pairs_of_150_to_300_tokens(name, monkeypatc
     import orpo.attention as attn
 
     real_row = attn._row_attention
-    monkeypatch.setattr(attn, "_row_attention", lambda q, k, v, groups, layout, window, attend:
-                        real_row(q, k, v, groups, layout, None, attend))
+    monkeypatch.setattr(attn, "_row_attention", lambda q, k, v, groups, layout, window, chunk, attend:
+                        real_row(q, k, v, groups, layout, None, None, attend))
     blind = support.decide(model, max_length=512)
     assert blind.attention != "blocks"
     assert "64-token window/chunk reached" in blind.rejected["blocks/linear"]

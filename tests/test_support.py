@@ -17,8 +17,8 @@ from orpo.loss import metric_vector, orpo_loss, summarize
 from archs import ARCHS, VOCAB, build
 
 BETA = 0.3
-# The check's synthetic pairs (support.synthetic_pairs, about 0.75 W + 9 tokens) see windows up to about
-# 36 tokens: this file shrinks the matrix's windows and chunks (64, tests/test_windows.py) to W.
+# This file shrinks the matrix's windows and chunks (64) to W, to keep its many decisions quick; windows
+# of realistic size are tested in test_windows.py (every path) and test_proof.py (the check).
 W = 12
 
 
