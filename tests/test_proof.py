@@ -202,8 +202,8 @@ def test_a_window_of_64_is_proven_on_pairs_of_150_to_300_tokens(name, monkeypatc
     import orpo.attention as attn
 
     real_row = attn._row_attention
-    monkeypatch.setattr(attn, "_row_attention", lambda q, k, v, groups, layout, window, attend:
-                        real_row(q, k, v, groups, layout, None, attend))
+    monkeypatch.setattr(attn, "_row_attention", lambda q, k, v, groups, layout, window, chunk, attend:
+                        real_row(q, k, v, groups, layout, None, None, attend))
     blind = support.decide(model, max_length=512)
     assert blind.attention != "blocks"
     assert "64-token window/chunk reached" in blind.rejected["blocks/linear"]

@@ -14,9 +14,12 @@ from orpo.errors import UserError
 from orpo.forward import PolicyForward
 from orpo.loss import metric_vector, orpo_loss, summarize
 
-from archs import ARCHS, VOCAB, W, build
+from archs import ARCHS, VOCAB, build
 
 BETA = 0.3
+# This file shrinks the matrix's windows and chunks (64) to W, to keep its many decisions quick; windows
+# of realistic size are tested in test_windows.py (every path) and test_proof.py (the check).
+W = 12
 
 
 def _pairs(seed=1):
@@ -53,7 +56,7 @@ def models():
 
 def _model(models, name):
     if name not in models:
-        models[name] = build(name).eval()
+        models[name] = build(name, window=W).eval()
     return models[name]
 
 
@@ -97,11 +100,11 @@ def test_leaks_are_caught_without_the_name_list(models, name, monkeypatch):
     assert "blocks/linear" in paths.rejected and "log-probs off" in paths.rejected["blocks/linear"]
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma3", "qwen2-window"])
+@pytest.mark.parametrize("name", ["mistral", "gemma3", "qwen2-window", "llama4"])
 def test_a_window_the_mask_ignores_is_caught(models, name, monkeypatch):
     import orpo.forward as fwd
 
-    monkeypatch.setattr(fwd, "layer_windows", lambda config: None)
+    monkeypatch.setattr(fwd, "layer_spans", lambda config: (None, None))
     with pytest.raises(UserError, match="log-probs off"):
         support.decide(_model(models, name), attention="mask", max_length=64)
 

@@ -10,8 +10,11 @@ soft-capping or sinks):
 - every further completion against the prompt and itself: ``q = x[c : c+C]``, ``k = [x_prompt; x_c]``,
   with a mask that shows the whole prompt and the completion causally.
 
-A sliding window (the layer's ``sliding_window`` keyword) is applied in *logical* positions, the ones
-the completion would have in its own sequence: query at position i sees keys j with i - W < j <= i.
+Each layer keeps its own limits (:func:`layer_span`: its layer type's sliding window or attention chunk,
+as the model builds its mask for that layer), applied in *logical* positions, the ones the completion
+would have in its own sequence: query at position i sees keys j with i - W < j <= i under a window W,
+and j // C == i // C under Llama-4's chunks of C. FlexAttention gets one BlockMask per (window, chunk)
+and each layer picks its own.
 
 A dense (T, T) mask over a packed row would compute every masked block too (on CPU, SDPA does not skip
 them) and grows quadratically with the packed length; this computes only the blocks that are seen.
@@ -32,23 +35,72 @@ NAME = "orpo_blocks"
 INNER = "_orpo_inner_attn"  # config attribute: the implementation the model was loaded with
 
 
-_COMPILED_FLEX = None
+def config_spans(config) -> dict | tuple:
+    """What each layer may see, as the model's own masks build it: ``{layer type: (window, chunk)}`` for
+    configs with per-layer types (Gemma-2/3/4, gpt-oss, Qwen2, OLMo-3, EXAONE-4, Cohere-2, Llama-4),
+    else one ``(window, chunk)`` for every layer (Mistral, Phi-3: the window slides on all layers).
+
+    window: a query at logical position i sees keys j with i - window < j <= i;
+    chunk: only keys of its own chunk, j // chunk == i // chunk (Llama-4's ``attention_chunk_size``);
+    None: no limit. A multimodal config is read through its text config, as the decoder reads it."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    chunk = getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return {t: (window if "sliding" in str(t) else None, chunk if "chunked" in str(t) else None)
+                for t in set(types)}
+    return (window, None)
 
 
-def _flex_attention():
-    """FlexAttention compiled once, with dynamic shapes so packed rows of new lengths reuse the kernel."""
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+def layer_span(module, kwargs) -> tuple:
+    """(window, chunk) of the layer ``module`` belongs to: its layer type's, read from the config the way
+    the model picks its mask for the layer; a ``sliding_window`` the layer passes must agree with it
+    (raises ValueError otherwise, so the start-up check refuses the path)."""
+    spans = config_spans(module.config)
+    idx = getattr(module, "layer_idx", None)
+    if isinstance(spans, dict):
+        types = module.config.get_text_config().layer_types if hasattr(module.config, "get_text_config") \
+            else module.config.layer_types
+        if idx is not None and 0 <= idx < len(types):
+            span = spans[types[idx]]
+        elif not any(c for _, c in spans.values()):  # no layer index: the window the layer passes
+            span = (kwargs.get("sliding_window"), None)
+        else:
+            raise ValueError(f"{type(module).__name__} has no layer index to pick its layer type by")
+    else:
+        span = spans
+    if "sliding_window" in kwargs and kwargs["sliding_window"] != span[0]:
+        raise ValueError(f"layer {idx} passes sliding_window={kwargs['sliding_window']}, its layer type says {span[0]}")
+    return span
 
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
-    return _COMPILED_FLEX
+
+def model_spans(config) -> set:
+    """Every distinct (window, chunk) the model's layers use: one FlexAttention BlockMask is built for each."""
+    spans = config_spans(config)
+    return set(spans.values()) if isinstance(spans, dict) else {spans}
 
 
-def flex_block_mask(layout, length: int, device, window: int | None = None):
-    """The layout as a FlexAttention BlockMask over rows padded to ``length``: one fused kernel per layer
-    that skips every fully masked 128x128 tile (GPU only: FlexAttention has no CPU backward). With
-    ``window``, keys more than ``window - 1`` logical positions back are hidden too."""
+_COMPILED = {}
+
+
+def _compiled(name: str, fn, device):
+    """``fn`` compiled once on CUDA with dynamic shapes, so packed rows of new lengths reuse the kernel;
+    as it is elsewhere (the CPU runs FlexAttention's forward only, in tests: its unfused reference)."""
+    if torch.device(device).type != "cuda":
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
+
+
+def flex_block_masks(layout, length: int, device, spans) -> dict:
+    """The layout as one FlexAttention BlockMask per (window, chunk) in ``spans``, over rows padded to
+    ``length``: one fused kernel per layer that skips every fully masked 128x128 tile. Built by a
+    compiled ``create_block_mask`` on CUDA. Windows and chunks are in logical positions, the ones each
+    token has in its own sequence (a completion's continue its prompt's)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg = torch.full((layout.rows, length), -1, dtype=torch.int32)
@@ -61,13 +113,48 @@ def flex_block_mask(layout, length: int, device, window: int | None = None):
             blk[g.row, cs : cs + n] = k
             pos[g.row, cs : cs + n] = g.prompt_len + torch.arange(n, dtype=torch.int32)
     seg, blk, pos = seg.to(device), blk.to(device), pos.to(device)
-    w = window if window is not None else 1 << 30
+    on_cuda = torch.device(device).type == "cuda"
 
-    def mask_mod(b, h, q, kv):
-        same = (seg[b, q] == seg[b, kv]) & (kv <= q) & ((blk[b, kv] == 0) | (blk[b, kv] == blk[b, q]))
-        return same & (pos[b, kv] > pos[b, q] - w)
+    def mask_for(w: int, c: int):
+        def mask_mod(b, h, q, kv):
+            same = (seg[b, q] == seg[b, kv]) & (kv <= q) & ((blk[b, kv] == 0) | (blk[b, kv] == blk[b, q]))
+            return same & (pos[b, kv] > pos[b, q] - w) & (pos[b, kv] // c == pos[b, q] // c)
 
-    return create_block_mask(mask_mod, B=layout.rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+        return mask_mod
+
+    out = {}
+    for window, chunk in spans:
+        mask_mod = mask_for(window if window is not None else 1 << 30, chunk if chunk is not None else 1 << 30)
+        out[(window, chunk)] = create_block_mask(mask_mod, B=layout.rows, H=None, Q_LEN=length, KV_LEN=length,
+                                                 device=device, _compile=on_cuda)
+    return out
+
+
+def _flex(module, query, key, value, block_mask, dropout, scaling, kwargs):
+    """One FlexAttention call: query (B, H, T, D), key/value (B, KV, T, D) -> (B, H, T, D). The layer's
+    soft-cap (Gemma-2) goes through ``score_mod``: s -> c tanh(s / c), as its eager function computes it.
+    Its sinks (gpt-oss: one logit per head that joins every softmax and is then dropped) rescale the
+    output: softmax over [scores, sink] = softmax(scores) * e^lse / (e^lse + e^sink), lse the kernel's
+    log-sum-exp of the scores, so out * sigmoid(lse - sink). What flex cannot express raises."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    if dropout and module.training:
+        raise ValueError("FlexAttention has no attention dropout")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("FlexAttention here takes no position bias")
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    score_mod = None
+    if softcap:
+        def score_mod(score, b, h, q, kv):
+            return softcap * torch.tanh(score / softcap)
+    flex = _compiled("flex", flex_attention, query.device)
+    gqa = query.shape[1] != key.shape[1]
+    if sinks is None:
+        return flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    out, aux = flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=gqa,
+                    return_aux=AuxRequest(lse=True))
+    keep = torch.sigmoid(aux.lse.float() - sinks.float()[None, :, None])  # (B, H, T)
+    return (out.float() * keep[..., None]).to(query.dtype)
 
 
 def inner_attention(module, config):
@@ -89,16 +176,18 @@ def inner_attention(module, config):
 @torch.compiler.disable  # data-dependent loops over the layout: compiled layers call it as it is
 def block_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     """query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers expects."""
-    block_mask = kwargs.pop("orpo_block_mask", None)
+    block_masks = kwargs.pop("orpo_block_masks", None)
     layout = kwargs.pop("orpo_layout", None)
-    if block_mask is not None:
-        out = _flex_attention()(query, key, value, block_mask=block_mask, scale=scaling,
-                                enable_gqa=query.shape[1] != key.shape[1])
+    if block_masks is not None:  # FlexAttention: the BlockMask of this layer's window and chunk
+        span = layer_span(module, kwargs)
+        if span not in block_masks:
+            raise ValueError(f"no block mask for window/chunk {span}")
+        out = _flex(module, query, key, value, block_masks[span], dropout, scaling, kwargs)
         return out.transpose(1, 2).contiguous(), None
     fn, additive = inner_attention(module, module.config)
     if layout is None:  # generation, or a forward outside orpo: the model's own attention, as loaded
         return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    window = kwargs.get("sliding_window")
+    window, chunk = layer_span(module, kwargs)
     gqa = query.shape[1] != key.shape[1]
     p_drop = dropout if module.training else 0.0
     # Plain SDPA (Llama and most families): call the kernel directly, with GQA and is_causal, as
@@ -120,7 +209,8 @@ def block_attention(module, query, key, value, attention_mask=None, dropout=0.0,
     def attend_causal(q, k, v, spec):  # orpo.qblocks: the block without a (Q, K) mask or scores kept
         return qblocks.attend(spec, q, k, v, attend, direct, p_drop, scaling)
 
-    rows = [_row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, attend_causal)
+    rows = [_row_attention(query[r : r + 1], key[r : r + 1], value[r : r + 1], groups, layout, window, chunk,
+                           attend_causal)
             for r, groups in enumerate(layout.by_row())]
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
@@ -132,7 +222,7 @@ def _sdpa():
     return sdpa_attention_forward
 
 
-def _row_attention(q, k, v, groups, layout, window, attend):
+def _row_attention(q, k, v, groups, layout, window, chunk, attend):
     """One row: q (1, H, T, D), k/v (1, KV, T, D) -> (1, H, T, D).
 
     The row is cut once with ``split`` into its pieces (queries: prompt+first completion, then each
@@ -169,9 +259,10 @@ def _row_attention(q, k, v, groups, layout, window, attend):
             # the first completion runs with the prompt as queries too: plain causal attention over both;
             # every further one sees the whole prompt, then itself causally
             first = j == 1
-            windowed = window is not None and p + n > window
+            w = window if window is not None and p + n > window else None  # only where the block is longer
+            c = chunk if chunk is not None and p + n > chunk else None
             # queries from logical position 0 (prompt + first completion) or p; keys 0..p+n-1 (orpo.qblocks)
-            spec = qblocks.Causal(0 if first else p, window if windowed else None)
+            spec = qblocks.Causal(0 if first else p, w, c)
             out.append(attend(qs[qi + j - 1], torch.cat((kp, ks[ki + j]), dim=2),
                               torch.cat((vp, vs[ki + j]), dim=2), spec))
         qi += len(lens)

@@ -79,23 +79,24 @@ def head_transform(config) -> tuple[float, float | None]:
     return scale, getattr(config, "final_logit_softcapping", None) or None
 
 
-def layer_windows(config) -> dict | int | None:
-    """The sliding windows the dense mask must carry: {layer type: window or None} for configs with
-    per-layer types, else one window for every layer (or None)."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        window = None
-    types = getattr(config, "layer_types", None)
-    if types:
-        return {t: (window if "sliding" in t else None) for t in set(types)}
-    return window
+def layer_spans(config) -> dict | tuple:
+    """What each layer may see: {layer type: (window, chunk)}, or one (window, chunk) for every layer
+    (see :func:`orpo.attention.config_spans`). The dense mask carries one mask per layer type, and
+    FlexAttention one BlockMask per distinct (window, chunk)."""
+    return attention.config_spans(config)
 
 
-def smallest_window(config) -> int | None:
-    """The shortest sliding window of any layer (None: no layer slides)."""
-    windows = layer_windows(config)
-    ws = [w for w in (windows.values() if isinstance(windows, dict) else [windows]) if w]
-    return min(ws) if ws else None
+def row_limit(config) -> int | None:
+    """The longest row a fast layout may build for this model (None: any). Llama-4 scales the queries of
+    its NoPE layers by 1 + attn_scale * log1p(floor((i + 1) / floor_scale)), with i the token's *index in
+    the row*, not its position id (``attn_temperature_tuning``): a token at index floor_scale - 1 or more
+    of a packed or prefix-shared row gets another scale than in its own sequence. Rows up to
+    floor_scale - 1 tokens (8191 in the released checkpoints) are exact."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    nope = [layer for layer, rope in enumerate(getattr(config, "no_rope_layers", None) or []) if not rope]
+    if getattr(config, "attn_temperature_tuning", False) and nope and getattr(config, "floor_scale", None):
+        return int(config.floor_scale) - 1
+    return None
 
 
 class PolicyForward(nn.Module):
@@ -122,15 +123,24 @@ class PolicyForward(nn.Module):
         else:
             attention.disable(config)
         self.scale, self.softcap = head_transform(config)
-        self.windows = layer_windows(config)
-        self.window = smallest_window(config)  # FlexAttention's one block mask serves every layer
+        self.spans = layer_spans(config)  # the dense mask: one per layer type
+        self.flex_spans = attention.model_spans(config)  # FlexAttention: one BlockMask per (window, chunk)
+        self.row_limit = row_limit(config)
         # the chunked head reads the weight directly (DeepSpeed ZeRO-3 must gather it for the whole forward)
         self.plain_head = paths.head == "linear"
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # read by FSDP's auto-wrap
 
     def collate(self, pairs, prompt_in_nll: bool, pad_id: int = 0) -> Batch:
         """A micro-batch laid out the way this forward runs it."""
-        return collate(pairs, self.paths.prefix_sharing, self.paths.packing, prompt_in_nll, pad_id)
+        share, pack = self.paths.prefix_sharing, self.paths.packing
+        batch = collate(pairs, share, pack, prompt_in_nll, pad_id)
+        if self.row_limit and batch.layout.length > self.row_limit and (share or pack):
+            # rows too long for this model's fast layouts (see row_limit): unpacked, and if still too long
+            # one sequence per row, where every token sits at the index it has in its own sequence
+            batch = collate(pairs, share, False, prompt_in_nll, pad_id)
+            if batch.layout.length > self.row_limit:
+                batch = collate(pairs, False, False, prompt_in_nll, pad_id)
+        return batch
 
     def forward(self, batch: Batch) -> torch.Tensor:
         lm = base_causal_lm(self.model)
@@ -146,7 +156,7 @@ class PolicyForward(nn.Module):
                 kwargs["position_ids"] = torch.nn.functional.pad(batch.position_ids, (0, t_pad - t))
                 src = (src // t) * t_pad + src % t
             kwargs["attention_mask"] = attention.placeholder_mask(batch.layout.rows, ids.device)
-            kwargs["orpo_block_mask"] = attention.flex_block_mask(batch.layout, t_pad, ids.device, self.window)
+            kwargs["orpo_block_masks"] = attention.flex_block_masks(batch.layout, t_pad, ids.device, self.flex_spans)
         elif mode == "blocks":
             kwargs["attention_mask"] = attention.placeholder_mask(batch.layout.rows, ids.device)
             kwargs["orpo_layout"] = batch.layout
@@ -168,20 +178,20 @@ class PolicyForward(nn.Module):
 
     def _dense_masks(self, lm, batch: Batch):
         """The layout as the model's own attention expects it: bool for SDPA, additive for eager, and one
-        mask per layer type where layers differ (sliding windows)."""
+        mask per layer type where layers differ (sliding windows, attention chunks)."""
         dev = batch.input_ids.device
         additive = attention.loaded_attention(text_config(lm.config)) == "eager"
 
-        def one(window):
-            m = batch.layout.dense_mask(dev, window)
+        def one(span):
+            m = batch.layout.dense_mask(dev, *span)
             if additive:
                 dtype = lm.get_input_embeddings().weight.dtype
                 return torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill_(~m, torch.finfo(dtype).min)
             return m
 
-        if isinstance(self.windows, dict):
-            return {t: one(w) for t, w in self.windows.items()}
-        return one(self.windows)
+        if isinstance(self.spans, dict):
+            return {t: one(span) for t, span in self.spans.items()}
+        return one(self.spans)
 
     def _model_head_logps(self, lm, kwargs, src, targets):
         """The model's whole forward, logits only where a scored token is predicted (one row: exactly

@@ -113,6 +113,15 @@ def _short(names, parts: int = 1) -> list[str]:
     return list(dict.fromkeys(".".join(n.split(".")[-parts:]) for n in names))
 
 
+def _own_forward(module: nn.Module) -> bool:
+    """A Linear subclass from a transformers model file whose forward is not ``nn.Linear``'s: peft's LoRA
+    layer adds its update to what the forward returns, which need not be a tensor. Quantized linears
+    (bitsandbytes, torchao) come from their own packages and are not affected."""
+    cls = type(module)
+    return (isinstance(module, nn.Linear) and cls.__module__.startswith("transformers.models.")
+            and cls.forward is not nn.Linear.forward)
+
+
 def resolve_all_linear(model: nn.Module, decoder: nn.Module, head: nn.Module | None) -> LoraTargets:
     """The ``all-linear`` set of ``model`` (not yet wrapped by peft): see the module docstring.
     ``decoder``: the language model's decoder inside ``model``; ``head``: its output embedding."""
@@ -139,6 +148,9 @@ def resolve_all_linear(model: nn.Module, decoder: nn.Module, head: nn.Module | N
                 skip("peft maps this name to the fused MoE experts on this model type, so it cannot be targeted", name)
             elif _reads_weight(model, name):
                 skip("its layer reads the weight directly, so an adapter would be bypassed", name)
+            elif _own_forward(module):
+                skip("a model's own Linear subclass with another forward (Llama-4's router returns a tuple), "
+                     "which peft's adapter cannot wrap", name)
             else:
                 taken.append(name)
         elif not outside(name) and not isinstance(module, nn.modules.conv._ConvNd):  # a convolution's weight is 3-D too

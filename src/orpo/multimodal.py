@@ -31,6 +31,9 @@ def text_config(config):
 def language_decoder(lm):
     """The decoder stack (embeddings, layers, final norm) that ends in hidden states of shape (B, T, H)."""
     decoder = lm.get_decoder()
+    if decoder is lm:  # Llama-4's text CausalLM: transformers' lookup returns the model itself; its stack is ``model``
+        inner = getattr(lm, "model", None)
+        return inner if inner is not None and hasattr(inner, "layers") else lm
     # Llama-4: get_decoder() is the language model, a whole CausalLM (whose base-model prefix names
     # nothing it holds, so its own get_decoder() returns itself); the stack is its ``model``
     if decoder is not lm and getattr(decoder, "get_output_embeddings", lambda: None)() is not None:

@@ -35,15 +35,19 @@ MIN_BLOCK = 64
 
 @dataclass(frozen=True)
 class Causal:
-    """Which keys a block's queries see: causal from logical position ``offset``, optionally windowed."""
+    """Which keys a block's queries see: causal from logical position ``offset``, optionally windowed
+    (``j > t - window``) or chunked (``j // chunk == t // chunk``, Llama-4's local attention)."""
 
     offset: int
     window: int | None = None
+    chunk: int | None = None
 
     def keys(self, a: int, b: int, k_len: int) -> tuple[int, int]:
         """The keys ``[lo, hi)`` that queries ``a .. b-1`` of the block may see."""
         hi = min(k_len, self.offset + b)
         lo = 0 if self.window is None else max(0, self.offset + a - self.window + 1)
+        if self.chunk is not None:
+            lo = max(lo, (self.offset + a) // self.chunk * self.chunk)
         return lo, hi
 
     def mask(self, a: int, b: int, lo: int, hi: int, device) -> torch.Tensor:
@@ -53,6 +57,8 @@ class Causal:
         m = j <= t
         if self.window is not None:
             m &= j > t - self.window
+        if self.chunk is not None:
+            m &= j // self.chunk == t // self.chunk
         return m
 
 
@@ -114,14 +120,14 @@ def attend(spec: Causal, q, k, v, call, direct: bool, dropout: float = 0.0, scal
     ``call`` uses (scale None: 1/sqrt(D)). block: queries per block (default: :func:`block_size`).
     """
     q_len, k_len = q.shape[2], k.shape[2]
-    if direct and spec.window is None:
+    if direct and spec.window is None and spec.chunk is None:
         if spec.offset == 0 and q_len == k_len:
             return call(q, k, v, None)
         if (q.device.type == "cpu" and dropout == 0.0 and spec.offset == k_len - q_len and _flash_cpu() is not None):
             q, k, v = _autocast(q, k, v)
             p = spec.offset
             return _PrefixThenCausal.apply(q, k[:, :, :p], v[:, :, :p], k[:, :, p:], v[:, :, p:], scale)
-    step = block or block_size(q.shape[1], q_len, k_len if spec.window is None else min(k_len, spec.window + q_len))
+    step = block or block_size(q.shape[1], q_len, min(k_len, min(x for x in (spec.window, spec.chunk, k_len) if x) + q_len))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
     for a in range(0, q_len, step):

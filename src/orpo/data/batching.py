@@ -57,13 +57,15 @@ class Layout:
             out[g.row].append(g)
         return out
 
-    def block_mask(self, prompt_len: int, length: int, first: bool, window: int | None, device) -> torch.Tensor:
+    def block_mask(self, prompt_len: int, length: int, first: bool, window: int | None, device,
+                   chunk: int | None = None) -> torch.Tensor:
         """Bool (Q, prompt_len + length) for one block of :mod:`orpo.attention`: the first completion's
         block has the prompt as queries too (Q = prompt_len + length), a further completion only itself
         (Q = length). Keys are the prompt then the completion, at logical positions 0..P+C-1; a query
-        sees the keys at or before its own logical position, and with ``window`` only the last
-        ``window`` of them (transformers' rule: k > q - window)."""
-        key = (prompt_len, length, first, window, str(device))
+        sees the keys at or before its own logical position, with ``window`` only the last ``window`` of
+        them (transformers' rule: k > q - window), and with ``chunk`` only those in its own chunk of
+        ``chunk`` logical positions (Llama-4's chunked attention: k // chunk == q // chunk)."""
+        key = (prompt_len, length, first, window, chunk, str(device))
         m = self._masks.get(key)
         if m is None:
             k = torch.arange(prompt_len + length, device=device)[None, :]
@@ -72,13 +74,15 @@ class Layout:
             m = k <= q
             if window is not None:
                 m &= k > q - window
+            if chunk is not None:
+                m &= torch.div(k, chunk, rounding_mode="floor") == torch.div(q, chunk, rounding_mode="floor")
             self._masks[key] = m
         return m
 
-    def dense_mask(self, device, window: int | None = None) -> torch.Tensor:
+    def dense_mask(self, device, window: int | None = None, chunk: int | None = None) -> torch.Tensor:
         """The same structure as a (rows, 1, T, T) bool mask for a model's own attention, with an
-        optional sliding window in logical positions. Positions that hold padding attend only to
-        themselves, so no softmax row is empty."""
+        optional sliding window or attention chunk in logical positions. Positions that hold padding
+        attend only to themselves, so no softmax row is empty."""
         t = self.length
         mask = torch.zeros(self.rows, 1, t, t, dtype=torch.bool, device=device)
         idx = torch.arange(t, device=device)
@@ -88,7 +92,7 @@ class Layout:
             for j, (cs, n) in enumerate(g.completions):
                 # queries: the prompt too for the first completion; keys: the prompt, then this completion
                 q_rows = torch.cat((torch.arange(p0, p0 + p, device=device), torch.arange(cs, cs + n, device=device)))
-                blk = self.block_mask(p, n, True, window, device)  # logical positions 0..p+n-1 both ways
+                blk = self.block_mask(p, n, True, window, device, chunk)  # logical positions 0..p+n-1 both ways
                 if j > 0:
                     q_rows, blk = q_rows[p:], blk[p:]
                 k_cols = torch.cat((torch.arange(p0, p0 + p, device=device), torch.arange(cs, cs + n, device=device)))
