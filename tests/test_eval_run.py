@@ -78,7 +78,16 @@ def test_a_default_job_like_run_agrees_through_its_adapter(tmp_path, tiny_model_
     m, err = eval_json(capsys, "--model", str(out))
     assert agree(m, last) and "built-in held-out set" in err
     merged, _ = eval_json(capsys, "--model", str(out / "model"))
-    assert all(merged[k] == pytest.approx(last[k], rel=1e-2, abs=1e-3) for k in KEYS)
+    # Merging rounds W + BA to bf16, which moves each log-prob by about 1e-4 (seen: eval_loss 6.9239 against
+    # 6.9251): the continuous metrics agree to that. The accuracy counts pairs by the sign of a margin, so a
+    # pair within that rounding of a tie may flip: at most one of the held-out pairs.
+    from orpo.data.builtin import heldout_pairs
+
+    smooth = [k for k in KEYS if k != "eval_rewards/accuracies"]
+    assert all(merged[k] == pytest.approx(last[k], rel=1e-2, abs=1e-3) for k in smooth), \
+        {k: (merged[k], last[k]) for k in KEYS}
+    n = len(heldout_pairs(3))
+    assert abs(merged["eval_rewards/accuracies"] - last["eval_rewards/accuracies"]) <= 1 / n + 1e-9
 
 
 def test_eval_needs_data_outside_a_run(tiny_model_dir, capsys):

@@ -159,8 +159,12 @@ def test_compiled_layers_same_logps_and_grads(chatml_tokenizer, pairs):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
         a.sum().backward()
         b.sum().backward()
-    for p, q in zip(ref_model.parameters(), model.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    # Inductor's fused kernels sum in another order, so an element's float32 error follows its tensor's
+    # scale, not its own size: an element-wise rtol fails on gradients near zero in a tensor of
+    # magnitude 25. A wrong compiled layer moves whole tensors by O(1) of their norm.
+    for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+        rel = ((p.grad - q.grad).norm() / p.grad.norm()).item()
+        assert rel < 1e-5, (name, rel)
 
 
 def _saved_bytes(fn) -> int:

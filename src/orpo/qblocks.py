@@ -127,7 +127,12 @@ def attend(spec: Causal, q, k, v, call, direct: bool, dropout: float = 0.0, scal
             q, k, v = _autocast(q, k, v)
             p = spec.offset
             return _PrefixThenCausal.apply(q, k[:, :, :p], v[:, :, :p], k[:, :, p:], v[:, :, p:], scale)
-    step = block or block_size(q.shape[1], q_len, min(k_len, min(x for x in (spec.window, spec.chunk, k_len) if x) + q_len))
+    span = min((x for x in (spec.window, spec.chunk) if x), default=None)
+    step = block or block_size(q.shape[1], q_len, min(k_len, (span or k_len) + q_len))
+    if block is None and span is not None:
+        # a block of B queries under a window W needs B + W keys: B ~ W keeps its mask and scores
+        # O(T W) in all, where one block of the whole row (which a small model's budget allows) is O(T^2)
+        step = min(step, max(MIN_BLOCK, span))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
     for a in range(0, q_len, step):

@@ -79,6 +79,43 @@ def set_aside(damaged: list[tuple[str, list[str]]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The data a checkpoint was trained on.
+
+
+def memory_data_changes(saved_cfg: dict, cfg_now: dict) -> list[str]:
+    """Fields whose only difference from the saved config is the content hash of rows held in memory:
+    the same kind of source with other rows, which :func:`check_data` words (not a changed option)."""
+    def kind(v):
+        return v.split(" (")[0] if isinstance(v, str) and v.startswith("in-memory ") else None
+
+    return [k for k in ("data", "eval_data") if k in saved_cfg and saved_cfg[k] != cfg_now.get(k)
+            and kind(saved_cfg[k]) is not None and kind(saved_cfg[k]) == kind(cfg_now.get(k))]
+
+
+def _short(content: str) -> str:
+    kind, _, rest = content.partition(":")
+    if kind == "memory":  # 'in-memory list (N rows, <hash>)': the hash
+        return rest.rsplit(", ", 1)[-1].rstrip(")")
+    return rest if kind == "hub" else rest[:16]
+
+
+def check_data(saved: dict | None, now: dict, names: dict, step: int, allow: bool, say) -> None:
+    """Refuse a resume whose data (train or eval) is not the content the checkpoint trained on. ``saved``
+    and ``now`` map 'train'/'eval' to content ids ('sha256:...', 'memory:...', 'hub:name@revision'); a
+    checkpoint made before orpo recorded them (``saved`` None) is not checked."""
+    if not saved:
+        return
+    changed = [k for k in ("train", "eval") if saved.get(k) and now.get(k) and saved[k] != now[k]]
+    for k in changed:
+        what = (f"{names[k]}: the {'training' if k == 'train' else 'evaluation'} data changed since step {step} "
+                f"(content {_short(saved[k])} then, {_short(now[k])} now)")
+        if not allow:
+            raise UserError(f"{what}; resume with the data the run started with, or pass --allow-data-change to "
+                            "train the remaining steps on the new rows (docs/robustness.md), or start a new --output-dir")
+        say(f"{what}; going on with the new rows, as --allow-data-change asks: the remaining steps draw from them")
+
+
+# ------------------------------------------------------------------------------------------------
 # Finished runs, and what step 0 left behind.
 
 

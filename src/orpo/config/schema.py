@@ -254,6 +254,11 @@ class TrainConfig:
         "the run goes on in --output-dir.",
         "run",
     )
+    allow_data_change: bool = opt(
+        False, "With --resume: go on although the data's content changed since the checkpoint (it is refused "
+        "otherwise). The remaining steps then draw from the new rows; the run is neither the old one nor a new one "
+        "(docs/robustness.md).", "run"
+    )
     logging_steps: float = opt(
         1, "Write a metrics row every N optimizer steps; below 1, that fraction of the run's steps, rounded up "
         "(0.2 of 100 steps: every 20), as transformers reads it.", "run"
@@ -345,7 +350,7 @@ class TrainConfig:
 # and how long to train (the schedule follows --max-steps, so extending a run with a decaying schedule
 # changes the learning rates of the remaining steps, as the user asked).
 NOT_IN_FINGERPRINT = frozenset({"output_dir", "overwrite", "resume", "logging_steps", "save_steps", "save_total_limit",
-                                "eval_steps", "eval_samples", "max_steps", "max_bad_steps", "report_to", "resume_from",
+                                "eval_steps", "eval_samples", "max_steps", "max_bad_steps", "report_to", "resume_from", "allow_data_change",
                                 "dataset_num_proc", "save_strategy", "eval_strategy", "eval_batch_size", "run_name"})
 
 _dataclass_init = TrainConfig.__init__

@@ -9,6 +9,7 @@ name, and (from Python) a ``datasets.Dataset``, a DataFrame or a list of dicts (
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import json
@@ -141,11 +142,30 @@ def _read_saved_dataset(path: Path) -> Iterator[tuple[str, Any]]:
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_revision(name: str) -> str | None:
+    """The commit a hub dataset name resolves to now (None offline or where the hub cannot say): a run
+    records it, reads that revision, and a resume compares it (orpo.resume.check_data)."""
+    if _offline() or not HUB_NAME.match(name):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name.partition(":")[0]).sha
+    except Exception:  # noqa: BLE001 - no network, a private repo: the name alone identifies it then
+        return None
+
+
 def _read_hub(name: str) -> Iterator[tuple[str, Any]]:
-    """A Hugging Face dataset name (``owner/name`` or ``owner/name:split``), streamed."""
+    """A Hugging Face dataset name (``owner/name`` or ``owner/name:split``), streamed at the revision
+    :func:`hub_revision` resolved, so that every pass and every process reads the same rows."""
     repo, _, split = name.partition(":")
     split = split or "train"
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if _offline():
         raise UserError(
             f"{name}: no such local file, and a Hugging Face dataset name needs the network (HF_HUB_OFFLINE is set); "
             "save the dataset to a local file first or pass a local path"
@@ -153,7 +173,7 @@ def _read_hub(name: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(repo, split=split, streaming=True)
+        ds = datasets.load_dataset(repo, split=split, streaming=True, revision=hub_revision(name))
         for i, row in enumerate(ds, start=1):
             yield f"{name}: row {i}", row
     except (ConnectionError, OSError, ValueError, FileNotFoundError) as e:

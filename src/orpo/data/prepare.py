@@ -28,6 +28,7 @@ import numpy as np
 from ..config import cache_root, column_map, is_in_memory, memory_label
 from ..errors import UserError
 from .memory import source_name
+from .formats import hub_revision
 from .readers import Pair, Skips, iter_pairs
 from .store import META, StoreWriter, TokenStore
 from .templates import TokenizedPair, TokenStats, tokenize_batch
@@ -51,6 +52,7 @@ class Rows:
     pairs: list[Pair] | None = field(default=None, repr=False)  # in-memory rows (the built-in data)
     cacheable: bool = True
     columns: dict | None = None  # --columns: the data's own names of prompt/chosen/rejected
+    content: str = ""  # the content's identity, which a resumed run must find unchanged (resume.check_data)
 
     def __iter__(self) -> Iterator[tuple[int, Pair]]:
         """(row index, pair) for every usable row, in source order."""
@@ -68,11 +70,14 @@ def _tokens_dir() -> Path:
     return cache_root() / "tokens"
 
 
-def _hash_source(path: Path) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|".encode())
+def content_hash(path: Path) -> str:
+    """sha256 of a file's bytes, as ``sha256sum`` prints it (a folder's: its files' relative names and
+    bytes, in order)."""
+    h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -98,7 +103,7 @@ def scan_rows(source, max_rows: int | None = None, shuffle_seed: int | None = No
     columns = column_map(columns)
     if pairs is not None:
         key = hashlib.sha256(repr([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode()).hexdigest()
-        return Rows(label or "built-in dataset", key, len(pairs), Skips(), pairs=pairs)
+        return Rows(label or "built-in dataset", key, len(pairs), Skips(), pairs=pairs, content=f"sha256:{key}")
     in_memory = is_in_memory(source)
     if not in_memory:
         source = str(source)
@@ -106,20 +111,23 @@ def scan_rows(source, max_rows: int | None = None, shuffle_seed: int | None = No
     name = label or source_name(source)
     local = path is not None and path.exists()
     if in_memory:  # the content's hash, as config.yaml records it
-        base = hashlib.sha256(f"memory|{memory_label(source)}".encode()).hexdigest()
-    else:
-        base = _hash_source(path) if local else hashlib.sha256(f"hub|{source}".encode()).hexdigest()
+        content = f"memory:{memory_label(source)}"
+    elif local:
+        content = f"sha256:{content_hash(path)}"
+    else:  # a hub dataset: its name and the revision it resolves to now (which is the one read)
+        content = f"hub:{source}@{hub_revision(source) or 'unresolved'}"
     sel = f"rows={max_rows}|shuffle={shuffle_seed if max_rows is not None else None}"
     if columns:  # (left out when unset, so caches made before --columns existed stay valid)
         sel += f"|columns={sorted(columns.items())}"
-    key = hashlib.sha256(f"{base}|{sel}".encode()).hexdigest()
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{content}|{sel}".encode()).hexdigest()
     marker = _tokens_dir() / f"{key[:32]}.rows.json"
     if local and marker.is_file():
         try:
             m = json.loads(marker.read_text())
             skips = Skips(counts=m["skips"], examples=m["examples"])
             selected = np.asarray(m["selected"], dtype=np.int64) if m["selected"] is not None else None
-            return Rows(name, key, m["n_read"], skips, source, max_rows, selected, cacheable=True, columns=columns)
+            return Rows(name, key, m["n_read"], skips, source, max_rows, selected, cacheable=True, columns=columns,
+                        content=content)
         except (ValueError, KeyError):
             pass
 
@@ -158,7 +166,8 @@ def scan_rows(source, max_rows: int | None = None, shuffle_seed: int | None = No
     if local:
         _atomic_write(marker, json.dumps({"n_read": n_read, "skips": skips.counts, "examples": skips.examples,
                                           "selected": selected.tolist() if selected is not None else None}))
-    return Rows(name, key, n_read, skips, source, max_rows, selected, cacheable=local or in_memory, columns=columns)
+    return Rows(name, key, n_read, skips, source, max_rows, selected, cacheable=local or in_memory, columns=columns,
+                content=content)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -287,7 +287,7 @@ def check_bad_streak(run: Run, step: int, grad_norm: float) -> None:
 def save(run: Run, step: int, t0: float) -> None:
     cfg = run.cfg
     state = {"step": step, "bad_streak": run.bad_streak, "elapsed_s": time.time() - t0,
-             "fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}
+             "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "data": run.data_ids}
     run.engine.save(run.ckpt_dir, step, run.policy, run.optimizer, run.scheduler, state)
 
 

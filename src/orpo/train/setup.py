@@ -75,6 +75,8 @@ class Run:
     elapsed_before: float = 0.0  # training seconds before a resume
     eval_last: dict = field(default_factory=dict)
     router: RouterLoss | None = None  # the MoE router loss, where the model's config turns it on
+    data_ids: dict = field(default_factory=dict)  # 'train'/'eval' -> content id, kept in each checkpoint
+    data_names: dict = field(default_factory=dict)  # 'train'/'eval' -> the source as messages name it
 
     @property
     def metrics_path(self) -> Path:
@@ -178,6 +180,10 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
         train_pairs, train_counts = tokenize_data(cfg, tokenizer, train_rows, say, "train")
         eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval")
     data_counts = {"train": train_counts, **({"eval": eval_counts} if eval_counts else {})}
+    sources = {"train": train_rows, "eval": eval_rows}
+    data_ids = {k: r.content for k, r in sources.items() if r is not None}
+    for k, counts in data_counts.items():
+        counts["content"] = data_ids.get(k, "")
 
     model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, load_in_4bit=cfg.load_in_4bit,
                        **loading_options(cfg))
@@ -216,7 +222,8 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
     policy, optimizer = engine.prepare(forward, optimizer)
     return Run(cfg, engine, out, folder, tokenizer, train_pairs, eval_pairs, data_counts, paths, forward, policy,
-               optimizer, scheduler, plan, warmup, t_setup, router=router)
+               optimizer, scheduler, plan, warmup, t_setup, router=router, data_ids=data_ids,
+               data_names={k: r.name for k, r in sources.items() if r is not None})
 
 
 def restore(run: Run) -> dict | None:
@@ -235,12 +242,21 @@ def restore(run: Run) -> dict | None:
     if damaged:
         say(resume.damaged_line(path, damaged))
     saved = json.loads((path / "state.json").read_text())
-    if saved.get("fingerprint") != cfg.fingerprint(saved.get("config")):
-        diff = cfg.trajectory_changes(saved.get("config", {}))
-        raise UserError(
-            f"{path}: this checkpoint was made with a different config ({', '.join(diff) or 'unknown fields'} "
-            "changed); resume with the same options or start a new --output-dir"
-        )
+    saved_cfg = saved.get("config", {})
+    if saved.get("fingerprint") != cfg.fingerprint(saved_cfg):
+        diff = cfg.trajectory_changes(saved_cfg)
+        rows_only = resume.memory_data_changes(saved_cfg, cfg.to_dict())
+        if not diff or set(diff) - set(rows_only):
+            raise UserError(
+                f"{path}: this checkpoint was made with a different config ({', '.join(diff) or 'unknown fields'} "
+                "changed); resume with the same options or start a new --output-dir"
+            )
+        # only the rows held in memory differ: a checkpoint from before data ids were kept has the hashes
+        # in its config's labels
+        saved.setdefault("data", {})
+        for k in rows_only:
+            saved["data"].setdefault("train" if k == "data" else "eval", f"memory:{saved_cfg[k]}")
+    resume.check_data(saved.get("data"), run.data_ids, run.data_names, saved["step"], cfg.allow_data_change, say)
     done = resume.finished_summary(run.out, saved["step"], run.total_steps) if not damaged else None
     if done is not None:  # nothing left to do: leave every file as it is
         run.start_step = saved["step"]
