@@ -54,7 +54,7 @@ def convert_gguf(gguf: Path, quiet: bool = False) -> Path:
             return out
         except DamagedModelFile as e:  # orpo's own copy, damaged since: convert again
             if not quiet:
-                print(f"the cached conversion is damaged ({e}); converting again", flush=True)
+                print(f"{str(e).split(';')[0]}: converting {gguf.name} again", flush=True)
     check_gguf(gguf, _hint(gguf))  # a GGUF cut short is refused before transformers reads it
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,11 +162,15 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:
-        # the safety net behind orpo.modelfiles: the tokenizers library raises a bare Exception for a
-        # tokenizer.json that is JSON but not a tokenizer
-        if not isinstance(e, (ValueError, OSError)) and type(e) is not Exception:
+        # the safety net behind orpo.modelfiles, for files that are JSON but not a tokenizer: transformers
+        # raises KeyError for a missing key, the tokenizers library a bare Exception
+        damaged = isinstance(e, (KeyError, json.JSONDecodeError)) or type(e) is Exception
+        if not (damaged or isinstance(e, (ValueError, OSError))):
             raise
-        raise UserError(f"{folder}: cannot load the tokenizer ({one_line(e)}); {HINT}") from None
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{folder}: this tokenizer needs its own code; pass --trust-remote-code if you trust it") from None
+        detail = f"the key {e} is missing" if isinstance(e, KeyError) else one_line(e)
+        raise UserError(f"{folder}: cannot load the tokenizer ({detail})" + (f"; {HINT}" if damaged else "")) from None
     if tok.pad_token_id is None:
         # Only generation pads; the loss never reads padded positions.
         tok.pad_token = tok.eos_token
