@@ -266,10 +266,12 @@ def test_safety_net_for_what_the_header_check_cannot_see(model_copy, plain_file,
                "--max-steps", "1"])
     line = one_error_line(capsys)
     assert rc != 0 and f"orpo: error: {model_copy}: cannot load the model" in line, line
+    assert not (tmp_path / "o").exists()
 
 
 def test_safety_net_for_a_tokenizer_json_that_is_not_a_tokenizer(model_copy, plain_file, tmp_path, capsys):
     (model_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nothing"}}')
     rc = main(["train", "--model", str(model_copy), "--data", str(plain_file), "--output-dir", str(tmp_path / "o")])
     line = one_error_line(capsys)
-    assert rc != 0 and f"orpo: error: {model_copy}: cannot load the tokenizer" in line, line
+    assert rc != 0 and f"orpo: error: {model_copy}: cannot load the tokenizer" in line and "re-download" in line, line
+    assert not (tmp_path / "o").exists()

@@ -225,6 +225,16 @@ class _Reader:
                     raise _Truncated
                 self.pos += size
                 return None
+            if etype == _STRING:  # a vocabulary: 50k-250k strings, skipped in a tight loop
+                buf, pos, end, length = self.buf, self.pos, len(self.buf), struct.Struct(self.order + "Q").unpack_from
+                for _ in range(count):
+                    if pos + 8 > end:
+                        raise _Truncated
+                    pos += 8 + length(buf, pos)[0]
+                if pos > end:
+                    raise _Truncated
+                self.pos = pos
+                return None
             for _ in range(count):
                 self.value(etype)
             return None
