@@ -149,7 +149,7 @@ def test_sigkill_of_one_process_ends_the_launcher_and_resume_is_exact(tmp_path, 
     metrics rows and weights as an uninterrupted two-process run."""
     from safetensors.torch import load_file
 
-    common = ["--scheduler", "cosine", "--warmup-steps", 2, "--lr", 1e-3, "--max-steps", 12, "--save-steps", 2]
+    common = ["--scheduler", "cosine", "--warmup-steps", 2, "--lr", 1e-3, "--max-steps", 10, "--save-steps", 2]
     ref, out = tmp_path / "ref", tmp_path / "run"
     subprocess.run(launcher("accelerate", ["-m", "orpo"]) + train_args(tiny_model_dir, conv_file, ref, *common),
                    env=env(), check=True, capture_output=True, timeout=300)
@@ -170,8 +170,8 @@ def test_sigkill_of_one_process_ends_the_launcher_and_resume_is_exact(tmp_path, 
             proc.kill()
             proc.wait()
     assert proc.returncode != 0
-    assert took < 45, took
-    assert logged_steps(out) < 12  # it did not finish
+    assert took < 30, took
+    assert logged_steps(out) < 10  # it did not finish
     res = subprocess.run(launcher("accelerate", ["-m", "orpo"]) +
                          train_args(tiny_model_dir, conv_file, out, *common, "--resume"),
                          env=env(), capture_output=True, text=True, timeout=300)
