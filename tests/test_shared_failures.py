@@ -124,6 +124,44 @@ def test_failed_final_write_on_the_main_process_ends_both(tmp_path, tiny_model_d
     assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3]
 
 
+def test_failed_final_write_without_an_agent_store(tmp_path, tiny_model_dir, conv_file):
+    """Two processes started by hand (RANK, WORLD_SIZE, MASTER_ADDR/PORT only, as some cluster scripts do):
+    the store is the process group's, hosted by process 0, and heard from once the group exists. Nobody
+    would stop process 1 here; it ends by itself with status 2 and no traceback."""
+    out = tmp_path / "run"
+    args = [sys.executable, LOCKSTEP, *train_args(tiny_model_dir, conv_file, out, "--max-steps", 2, "--save-steps", 1)]
+    base = dict(env(), FAIL_WRITE=".tmp-model/model.safetensors", MASTER_ADDR="127.0.0.1", WORLD_SIZE="2")
+    procs = [subprocess.Popen(args, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [2, 2], [e[-3000:] for _, e in results]
+    errors = [line for _, e in results for line in error_lines(e)]
+    assert len(errors) == 1 and error_lines(results[0][1]) == errors, errors
+    assert "could not write the final model" in errors[0]
+    assert results[1][1].strip() == "" or f"{SRC}/orpo" not in results[1][1], results[1][1][-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
+def test_bad_data_met_by_both_processes_gives_one_line(tmp_path, tiny_model_dir):
+    """Bad data is seen by every process alike: each stops, the line is printed once."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "a"}\n')
+    out = tmp_path / "run"
+    res = subprocess.run(launcher("torchrun", ["-m", "orpo"]) + train_args(tiny_model_dir, bad, out, "--max-steps", 2),
+                         env=env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    errors = error_lines(res.stderr)
+    assert len(errors) == 1 and "bad.jsonl:1" in errors[0], res.stderr[-3000:]
+    assert f"{SRC}/orpo" not in res.stderr, res.stderr[-3000:]
+    assert not out.exists()
+
+
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the launcher's worker of ``rank`` (its environment says RANK=rank)."""
     for child in psutil.Process(launcher_pid).children(recursive=True):

@@ -52,8 +52,9 @@ from ..errors import UserError
 
 POLL_S = 0.5  # how often each process looks for another's failure
 PRINT_WAIT_S = 5.0  # how long a failing process waits for the main process to print its line
-STOP_WAIT_S = 10.0  # how long the printing process waits for the others to stop
+STOP_WAIT_S = 20.0  # how long a failing process waits for the others to stop (one may still be starting)
 CONNECT_S = 10.0  # how long to try to reach the launcher's store
+END_WAIT_S = 15.0  # how long a stopped process waits for the failing one to exit (it may be dead already)
 EXIT_GRACE_S = 2.0  # how long the others outlive the failing process's exit (its interpreter's shutdown)
 
 _calls = 0  # train() calls in this process: each gets its own keys
@@ -188,11 +189,15 @@ class Shared:
             return
         try:
             self._op("add", self.prefix + "stopped", 1)
-            self._wait("printed", STOP_WAIT_S)
-            if self._wait("ended", STOP_WAIT_S):
-                time.sleep(EXIT_GRACE_S)
+            self._outlive()
         except Exception:  # noqa: BLE001
             pass
+
+    def _outlive(self) -> None:
+        """Until the line is out and the failing process has exited (at most ~25 s in all)."""
+        self._wait("printed", PRINT_WAIT_S + 2)
+        if self._wait("ended", END_WAIT_S):
+            time.sleep(EXIT_GRACE_S)
 
     def _park(self) -> None:
         """The watcher is ending this process: let it."""
@@ -221,9 +226,7 @@ class Shared:
             silence_stderr()
             atexit.register(os._exit, UserError.exit_code)  # should the main thread end first (its wait failed)
             self._op("add", self.prefix + "stopped", 1)
-            self._wait("printed", STOP_WAIT_S)
-            if self._wait("ended", STOP_WAIT_S):
-                time.sleep(EXIT_GRACE_S)
+            self._outlive()
         except Exception:  # noqa: BLE001 - whatever the store does now, this process ends
             pass
         try:
