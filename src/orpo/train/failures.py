@@ -55,7 +55,7 @@ PRINT_WAIT_S = 5.0  # how long a failing process waits for the main process to p
 STOP_WAIT_S = 20.0  # how long a failing process waits for the others to stop (one may still be starting)
 CONNECT_S = 10.0  # how long to try to reach the launcher's store
 END_WAIT_S = 15.0  # how long a stopped process waits for the failing one to exit (it may be dead already)
-EXIT_GRACE_S = 2.0  # how long the others outlive the failing process's exit (its interpreter's shutdown)
+EXIT_GRACE_S = 3.0  # how long the others outlive the failing process's exit (its interpreter's shutdown)
 
 _calls = 0  # train() calls in this process: each gets its own keys
 
@@ -194,7 +194,7 @@ class Shared:
             pass
 
     def _outlive(self) -> None:
-        """Until the line is out and the failing process has exited (at most ~25 s in all)."""
+        """Until the line is out and the failing process has exited (at most ~26 s in all)."""
         self._wait("printed", PRINT_WAIT_S + 2)
         if self._wait("ended", END_WAIT_S):
             time.sleep(EXIT_GRACE_S)
