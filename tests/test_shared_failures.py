@@ -37,10 +37,10 @@ def launcher(kind: str, script: list[str], node: int | None = None) -> list[str]
             "--dynamo_backend", "no", "--main_process_port", port, *script]
 
 
-def on_two_machines(kind: str, script: list[str], args: list[str], extra_env: dict | None = None, timeout: float = 120):
+def on_two_machines(kind: str, script: list[str], args: list[str], timeout: float = 120):
     """Both launchers of a two-"machine" run, started together: (seconds until both ended, their results)."""
     t0 = time.time()
-    procs = [subprocess.Popen(launcher(kind, script, node) + args, env=dict(env(), **(extra_env or {})),
+    procs = [subprocess.Popen(launcher(kind, script, node) + args, env=env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
@@ -92,9 +92,9 @@ def test_refused_lock_ends_both_processes_in_one_line(tmp_path, tiny_model_dir, 
     assert error_lines(node0.stderr) == errors  # printed by the main process
     for res in (node0, node1):  # no traceback from either orpo process
         assert f"{SRC}/orpo" not in res.stderr and "[rank1]" not in res.stderr, res.stderr[-3000:]
-    assert root_cause(node0.stderr) == (0, root_cause(node0.stderr)[1]) and root_cause(node0.stderr)[1].startswith("2 ")
-    rank, code = root_cause(node1.stderr)
-    assert rank == 1 and code.startswith("2 "), node1.stderr[-3000:]  # it ended by itself, as a UserError does
+    for node, res in enumerate((node0, node1)):  # each ended by itself, with a UserError's status
+        rank, code = root_cause(res.stderr)
+        assert rank == node and code.startswith("2 "), res.stderr[-3000:]
     assert took < 60, took  # (start-up of both on a small CI machine included)
     assert sorted(p.name for p in out.iterdir()) == [".orpo.lock"]  # the holder's folder, untouched
 
@@ -144,7 +144,7 @@ def test_failed_final_write_without_an_agent_store(tmp_path, tiny_model_dir, con
     errors = [line for _, e in results for line in error_lines(e)]
     assert len(errors) == 1 and error_lines(results[0][1]) == errors, errors
     assert "could not write the final model" in errors[0]
-    assert results[1][1].strip() == "" or f"{SRC}/orpo" not in results[1][1], results[1][1][-3000:]
+    assert not any("Traceback" in e for _, e in results), [e[-3000:] for _, e in results]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
