@@ -2,8 +2,9 @@
 
 - counts the policy forwards each process runs with gradients off (the evaluation forwards) into
   $COUNT_DIR/rank<N>.json;
-- with $FAIL_WRITE set (a file name such as rng-1.pt), that torch.save fails with ENOSPC, as a full
-  disk would, on whichever process writes it.
+- with $FAIL_WRITE set (a path ending such as rng-1.pt, or .tmp-model/model.safetensors for the final
+  model), that torch.save or safetensors file fails with ENOSPC, as a full disk would, on whichever
+  process writes it.
 """
 
 import errno
@@ -34,9 +35,21 @@ def failing_save(obj, f, *a, **k):
     return real_save(obj, f, *a, **k)
 
 
+def failing_safetensors(real):
+    def save_file(tensors, filename, *a, **k):
+        if str(filename).endswith(os.environ["FAIL_WRITE"]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return real(tensors, filename, *a, **k)
+
+    return save_file
+
+
 fwd.PolicyForward.forward = counting
 if os.environ.get("FAIL_WRITE"):
+    import transformers.modeling_utils as hf
+
     torch.save = failing_save
+    hf.safe_save_file = failing_safetensors(hf.safe_save_file)
 rc = main(sys.argv[1:])
 if os.environ.get("COUNT_DIR"):
     (Path(os.environ["COUNT_DIR"]) / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(counts))

@@ -9,3 +9,4 @@ class UserError(Exception):
     """A problem with the user's input, config or environment, worded so they can fix it."""
 
     exit_code = 2
+    printed = False  # a multi-process run printed the line already, as soon as it was known (train/failures.py)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command in COMMANDS:
             return COMMANDS[ns.command](ns)
     except UserError as e:
-        print(f"orpo: error: {e}", file=sys.stderr)
+        if not e.printed:
+            print(f"orpo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("orpo: interrupted", file=sys.stderr)

@@ -35,6 +35,7 @@ from ..loss import METRIC_SIZE, metric_vector, orpo_loss, summarize
 from ..progress import Progress
 from ..report import write_report_safe
 from .engine import Engine
+from .failures import shared_failures
 from .outputs import Answers, write_outputs
 from .setup import Run, check_environment, restore, set_up, write_run_files
 
@@ -56,11 +57,12 @@ class RunResult:
 
 def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResult:
     """One run, holding the output folder's lock (main process only: ``RANK`` 0, set by torchrun and
-    accelerate before Accelerate starts); a failed write ends it in one line with the resume command."""
+    accelerate before Accelerate starts); a failed write ends it in one line with the resume command.
+    With several processes, a failure any of them meets ends all of them with that line (failures.py)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
-    with runlock.output_lock(Path(cfg.output_dir), enabled=is_main):
+    with shared_failures() as shared, runlock.output_lock(Path(cfg.output_dir), enabled=is_main):
         try:
-            return _train(cfg, argv_for_resume)
+            return _train(cfg, argv_for_resume, shared)
         except (diskio.WriteFailed, OSError) as e:
             failure = resume.write_failure(e, Path(cfg.output_dir), cfg.overwrite, argv_for_resume, is_main)
             if failure is None:
@@ -68,8 +70,10 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
             raise failure from None
 
 
-def _train(cfg: TrainConfig, argv_for_resume: list[str] | None) -> RunResult:
+def _train(cfg: TrainConfig, argv_for_resume: list[str] | None, shared=None) -> RunResult:
     engine = Engine(cfg, check_environment(cfg))
+    if shared is not None:  # (a launcher without an agent store: its store exists from here on)
+        shared.connect()
     run = set_up(cfg, engine)
     done = restore(run)
     if done is not None:
