@@ -20,7 +20,8 @@ import tempfile
 CHILD = r"""
 import json, sys, time, tempfile
 import orpo
-import orpo.train.setup as setup
+import importlib
+setup = importlib.import_module("orpo.train.setup")
 real = setup.choose_paths
 took = []
 def timed(*a, **k):

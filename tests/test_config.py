@@ -45,7 +45,7 @@ def test_bad_yaml_names_line(tmp_path):
         ("max_length", "abc", "must be an integer"),
         ("beta", "x", "must be a number"),
         ("lora", "maybe", "true or false"),
-        ("precision", "fp16", "must be one of bf16, fp32"),
+        ("precision", "fp16", "must be one of auto, bf16, fp32"),
         ("scheduler", "cosin", "did you mean 'cosine'"),
         ("beta", float("nan"), "finite"),
     ],

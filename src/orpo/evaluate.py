@@ -217,6 +217,7 @@ def evaluate_model(cfg) -> dict:
     from .data.prepare import prepare_pairs
     from .forward import PolicyForward
     from .model import disable_dropout, load_model, load_tokenizer, loading_options, resolve_model
+    from .precision import resolve as resolve_precision
     from .support import choose_paths
 
     folder = resolve_model(cfg.model)
@@ -238,6 +239,9 @@ def evaluate_model(cfg) -> dict:
     model = load_model(folder, cfg.trust_remote_code, cfg.allow_pickle, device=device, merge=False,
                        **loading_options(cfg))
     disable_dropout(model)
+    cfg.precision, why = resolve_precision(cfg.precision, device.type)  # (a run folder's config gives its own)
+    if why:
+        print(why, file=sys.stderr, flush=True)
     paths = choose_paths(model, cfg, device, lambda msg: print(msg, file=sys.stderr, flush=True))
     policy = PolicyForward(model, paths, cfg.logits_chunk)
     bf16 = cfg.precision == "bf16"

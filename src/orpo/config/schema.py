@@ -199,10 +199,11 @@ class TrainConfig:
         "optim",
     )
     precision: str = opt(
-        "bf16",
-        "bf16: autocast matmuls to bfloat16 over fp32 weights (CPU and GPU); fp32: no autocast.",
+        "auto",
+        "bf16: autocast matmuls to bfloat16 over fp32 weights (CPU and GPU); fp32: no autocast; auto: bf16 where the "
+        "GPU or CPU multiplies bf16 natively, else fp32 (faster there, and exact); the choice is recorded in config.yaml.",
         "optim",
-        choices=("bf16", "fp32"),
+        choices=("auto", "bf16", "fp32"),
     )
     seed: int = opt(42, "Seed for initialisation, data order and dropout.", "optim")
     max_bad_steps: int = opt(

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from .. import diskio, resume, runlock
+from .. import diskio, precision, resume, runlock
 from ..config import TrainConfig
 from ..errors import UserError
 from ..evaluate import evaluate_pairs, lockstep_batches, write_pair_values
@@ -71,7 +71,10 @@ def train(cfg: TrainConfig, argv_for_resume: list[str] | None = None) -> RunResu
 
 
 def _train(cfg: TrainConfig, argv_for_resume: list[str] | None, shared=None) -> RunResult:
+    cfg.precision, why = precision.resolve(cfg.precision, precision.run_device_type())  # (config.yaml keeps it)
     engine = Engine(cfg, check_environment(cfg))
+    if why:
+        engine.say(why)
     if shared is not None:  # (a launcher without an agent store: its store exists from here on)
         shared.connect()
     run = set_up(cfg, engine)
