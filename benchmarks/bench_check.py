@@ -2,6 +2,7 @@
 data), for one or more source trees side by side, each in its own fresh process, one after the other.
 
     python benchmarks/bench_check.py --src before=/path/to/old/src --src now=src --repeat 2
+    python benchmarks/bench_check.py --src now=src --src now-bf16=src@bf16   # a tree at another --precision
 
 Each child runs ``orpo.train`` on the default job for one step with ``choose_paths`` (the check: the
 decision, the miniature, the synthetic pairs, the one line) wrapped in a timer, so the figure is the
@@ -31,14 +32,17 @@ def timed(*a, **k):
     return out
 setup.choose_paths = timed
 with tempfile.TemporaryDirectory() as d:
-    orpo.train(orpo.TrainConfig(output_dir=d + "/run", max_steps=1, save_steps=0, eval_samples=0))
+    extra = {"precision": sys.argv[1]} if len(sys.argv) > 1 else {}
+    orpo.train(orpo.TrainConfig(output_dir=d + "/run", max_steps=1, save_steps=0, eval_samples=0, **extra))
 print("RESULT " + json.dumps({"check_s": took[0], "orpo": orpo.__file__}))
 """
 
 
 def run(src: str) -> dict:
+    src, _, precision = src.partition("@")  # PATH@bf16: that --precision (else the tree's default)
     env = dict(os.environ, PYTHONPATH=os.path.abspath(src), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, *([precision] if precision else [])], env=env,
+                          capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
