@@ -27,8 +27,8 @@ import numpy as np
 
 from ..config import cache_root, column_map, is_in_memory, memory_label
 from ..errors import UserError
-from .memory import source_name
 from .formats import hub_revision
+from .memory import source_name
 from .readers import Pair, Skips, iter_pairs
 from .store import META, StoreWriter, TokenStore
 from .templates import TokenizedPair, TokenStats, tokenize_batch
