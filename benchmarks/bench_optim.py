@@ -45,6 +45,7 @@ VARIANTS = {
     "ours-bf16": ("ours", {"ours_extra": {"bf16_weights": True}}),
     "ours-adamw_torch_8bit-bf16": ("ours", {"ours_extra": {"optim": "adamw_torch_8bit", "bf16_weights": True}}),
     "ours-gc": ("ours", {"gc": True}),
+    "ours-keepall": ("ours", {"ours_extra": {"activation_memory": 0}}),  # main before --activation-memory
     "ours-lowmem": ("ours", {"ours_extra": {"low_memory": True}}),
     "ours-lowmem-8bit": ("ours", {"ours_extra": {"low_memory": True, "optim": "adamw_torch_8bit"}}),
     "trl": ("trl", {}),
@@ -136,7 +137,8 @@ def _make_shape(shape: str, base: str, out: Path) -> None:
 
 
 def compare(args, data: str, rows: int, max_length: int, model: str) -> dict:
-    spec = dict(model=model, data=data, rows=rows, max_length=max_length, lora=False, lr=args.lr, preload=args.preload)
+    spec = dict(model=model, data=data, rows=rows, max_length=max_length, lora=False, lr=args.lr, preload=args.preload,
+                precision=args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         spec["tmp"] = tmp
         work = B.workload(spec)
@@ -218,6 +220,8 @@ def main() -> None:
                     "ours-galore_adamw,ours-bf16,ours-lowmem,trl", help="comma list of " + ", ".join(VARIANTS))
     ap.add_argument("--rss-limit-gb", type=float, default=21.0)
     ap.add_argument("--memory-table", action="store_true")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                    help="both tools' precision (fp32: what --precision auto picks on a CPU without native bf16)")
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--curves", type=int, metavar="STEPS", help="loss curves over STEPS steps (no TRL by default)")
     ap.add_argument("--plot", help="PNG of the loss curves (with --curves)")

@@ -49,8 +49,8 @@ def child_ours(spec: dict) -> dict:
 
     out = Path(spec["tmp"]) / "ours"
     overrides = dict(model=spec["model"], data=spec["data"], max_rows=spec["rows"], max_length=spec["max_length"],
-                     batch_size=2, epochs=1.0, lr=spec["lr"], precision="bf16", save_steps=0, eval_samples=0,
-                     output_dir=str(out), overwrite=True, lora=spec["lora"], logging_steps=1, seed=42,
+                     batch_size=2, epochs=1.0, lr=spec["lr"], precision=spec.get("precision", "bf16"), save_steps=0,
+                     eval_samples=0, output_dir=str(out), overwrite=True, lora=spec["lora"], logging_steps=1, seed=42,
                      **({"gradient_checkpointing": True} if spec.get("gc") else {}))
     overrides.update(spec.get("ours_extra", {}))
     cfg = build(overrides)
@@ -88,7 +88,7 @@ def child_trl(spec: dict) -> dict:
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     args = ORPOConfig(output_dir=str(Path(spec["tmp"]) / "trl"), per_device_train_batch_size=2, num_train_epochs=1,
-                      max_length=spec["max_length"], beta=0.1, learning_rate=spec["lr"], bf16=True,
+                      max_length=spec["max_length"], beta=0.1, learning_rate=spec["lr"], bf16=spec.get("precision", "bf16") == "bf16",
                       use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to=[],
                       gradient_checkpointing=spec.get("gc", False), seed=42, dataloader_num_workers=0,
                       disable_tqdm=True, use_liger_kernel=spec.get("liger", False),

@@ -42,6 +42,13 @@ def language_decoder(lm):
     return decoder
 
 
+def decoder_layers(lm) -> list:
+    """The decoder's layers, in order (the decoder itself where it has no layer list)."""
+    decoder = language_decoder(lm)
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or getattr(decoder, "blocks", None)
+    return list(layers) if layers is not None and len(layers) else [decoder]
+
+
 def is_multimodal(config) -> bool:
     """True where the config describes a vision tower next to a language model."""
     return getattr(config, "vision_config", None) is not None

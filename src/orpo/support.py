@@ -45,7 +45,7 @@ from .forward import Paths, PolicyForward, head_transform, resolve_attention
 from .loss import orpo_loss
 from .model import _DROPOUT_ATTRS
 from .model import base_causal_lm
-from .multimodal import language_decoder, text_config
+from .multimodal import decoder_layers, text_config
 
 # Per-token log-probs may differ by this (absolute, plus relative) in fp32: SDPA over blocks and the
 # chunked head sum in another order. A token that sees what it must not moves them by far more.
@@ -107,12 +107,6 @@ def synthetic_pairs(vocab: int, span: int | None = None, seed: int = 0) -> list[
     return out
 
 
-def _layers(lm):
-    decoder = language_decoder(lm)
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or getattr(decoder, "blocks", None)
-    return list(layers) if layers is not None and len(layers) else [decoder]
-
-
 def _checked_params(model) -> list[torch.Tensor]:
     """The real model's weights whose gradient is compared: what the run trains in its last two decoder
     layers (a sliding and a full layer where they alternate; their adapters under LoRA), and under peft
@@ -120,7 +114,7 @@ def _checked_params(model) -> list[torch.Tensor]:
     gradient through the activations; stopping the backward there keeps the check cheap (on CPU a
     backward pass streams every weight it reaches). The miniature compares every trained weight."""
     lm = base_causal_lm(model)
-    layers = _layers(lm)
+    layers = decoder_layers(lm)
     out = [p for m in layers[-2:] for p in m.parameters() if p.requires_grad and p.is_floating_point()]
     if getattr(model, "peft_config", None):
         inside = {id(p) for m in layers for p in m.parameters()}

@@ -150,6 +150,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             1 <= cfg.max_prompt_length < cfg.max_length,
             f"max_prompt_length must be between 1 and max_length - 1 ({cfg.max_length - 1}); got {cfg.max_prompt_length}",
         )
+    if cfg.activation_memory is not None:
+        need(cfg.activation_memory >= 0, f"activation_memory must be >= 0 GB (0: never recompute); got {cfg.activation_memory}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1; got {cfg.batch_size}")
     need(cfg.grad_accum >= 1, f"grad_accum must be >= 1; got {cfg.grad_accum}")
     need(cfg.epochs > 0, f"epochs must be > 0; got {cfg.epochs}")

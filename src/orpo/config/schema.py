@@ -80,6 +80,11 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass: less memory, about 30% more time.", "model"
     )
+    activation_memory: Optional[float] = opt(
+        None, "GB of activations a micro-batch may keep for the backward pass; beyond it, just enough layers "
+        "recompute theirs (same numbers, more time). Default: 4 (a quarter of the RAM if less) on CPU, half the "
+        "GPU's free memory on CUDA; 0: never. Without --gradient-checkpointing.", "model"
+    )
     model_dtype: str = opt(
         "auto",
         "dtype of the loaded weights. auto: float32 weights (with --precision bf16, the matmuls still run in "
@@ -352,7 +357,7 @@ class TrainConfig:
 # changes the learning rates of the remaining steps, as the user asked).
 NOT_IN_FINGERPRINT = frozenset({"output_dir", "overwrite", "resume", "logging_steps", "save_steps", "save_total_limit",
                                 "eval_steps", "eval_samples", "max_steps", "max_bad_steps", "report_to", "resume_from", "allow_data_change",
-                                "dataset_num_proc", "save_strategy", "eval_strategy", "eval_batch_size", "run_name"})
+                                "dataset_num_proc", "save_strategy", "activation_memory", "eval_strategy", "eval_batch_size", "run_name"})
 
 _dataclass_init = TrainConfig.__init__
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from .. import diskio, resume
+from .. import diskio, recompute, resume
 from ..config import TRACKERS, TrainConfig, dump_yaml, report_targets
 from ..data.builtin import HELDOUT_LABEL, builtin_pairs, heldout_pairs
 from ..data.chat_templates import set_chat_template
@@ -28,6 +28,7 @@ from ..forward import Paths, PolicyForward
 from ..model import (
     add_lora,
     apply_liger,
+    base_causal_lm,
     check_4bit,
     check_model_source,
     compile_layers,
@@ -40,6 +41,7 @@ from ..model import (
     resolve_model,
 )
 from ..lean import lean_activations
+from ..multimodal import decoder_layers, text_config
 from ..optim import check_optimizer, make_optimizer, optimizer_summary
 from ..router import RouterLoss, router_loss_coef
 from ..support import choose_paths
@@ -207,6 +209,7 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     trainable, total = count_parameters(model)
     say(f"model: {folder} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{', LoRA' if cfg.lora else ''})")
     forward = PolicyForward(model, paths, chunk=cfg.logits_chunk)
+    budget_recompute(forward, model, cfg, device, train_pairs, say, engine.sharded)
     coef = router_loss_coef(model)
     router = RouterLoss(model, coef) if coef else None
     if router is not None:
@@ -224,6 +227,20 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     return Run(cfg, engine, out, folder, tokenizer, train_pairs, eval_pairs, data_counts, paths, forward, policy,
                optimizer, scheduler, plan, warmup, t_setup, router=router, data_ids=data_ids,
                data_names={k: r.name for k, r in sources.items() if r is not None})
+
+
+def budget_recompute(forward, model, cfg, device, train_pairs, say, sharded: bool) -> None:
+    """Long rows: checkpoint just enough layers for the activations to fit --activation-memory (see
+    orpo.recompute). Not with --gradient-checkpointing (every layer already recomputes), --compile, or
+    FSDP/DeepSpeed (their wrapping owns the layers)."""
+    if cfg.gradient_checkpointing or cfg.compile or sharded or cfg.activation_memory == 0:
+        return
+    lm = base_causal_lm(model)
+    tokens = recompute.largest_micro_batch(train_pairs, cfg.batch_size, forward.paths.prefix_sharing,
+                                           forward.paths.packing)
+    budget = int(cfg.activation_memory * recompute.GIB) if cfg.activation_memory else recompute.default_budget(device)
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    recompute.plan(forward, decoder_layers(lm), text_config(lm.config), amp, tokens, budget, say)
 
 
 def restore(run: Run) -> dict | None:
