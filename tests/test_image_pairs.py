@@ -8,8 +8,10 @@ bit; bad inputs get one line each; `orpo data` shows where the image sits."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,14 @@ from orpo.loss import orpo_loss
 from orpo.model import load_model
 
 FAMILIES = ("gemma3", "llava")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_orpo(args, cwd):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "orpo", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
 TOKENS = {"gemma3": dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"),
           "llava": dict(image_token="<image>")}
 PLACEHOLDER = {"gemma3": "<start_of_image>", "llava": "<image>"}
@@ -201,10 +211,9 @@ def test_trains_from_a_jsonl_file_with_relative_paths_and_saves_the_vision_tower
     imgs = make_images(tmp_path / "data" / "pics")
     data = write_jsonl(tmp_path / "data" / "pairs.jsonl", image_rows([f"pics/{p.name}" for p in imgs]))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "orpo", "train", "--model", str(folders[name]), "--data", str(data), "--output-dir",
-           str(out), "--max-steps", "2", "--batch-size", "2", "--precision", "fp32", "--lr", "1e-2", "--save-steps", "0",
-           "--eval-samples", "0", "--max-length", "96"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    res = run_orpo(["train", "--model", folders[name], "--data", data, "--output-dir", out, "--max-steps", "2",
+                    "--batch-size", "2", "--precision", "fp32", "--lr", "1e-2", "--save-steps", "0", "--eval-samples", "0",
+                    "--max-length", "96"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "image pairs: one sequence per row, vision encoder once per pair" in res.stdout + res.stderr
     saved = out / "model"
@@ -223,18 +232,22 @@ def test_trains_from_rows_in_memory_with_pil_images_and_bytes(folders, tmp_path)
     imgs = make_images(tmp_path / "pics")
     pil = [Image.open(p).convert("RGB") for p in imgs]
     rows = image_rows([0, 1, 2])
-    for r in rows:  # PIL images in a list of dicts
-        r["images"] = [pil[i] for i in r["images"]] if isinstance(r["images"], list) else pil[r["images"]]
+    for r in rows:  # PIL images in a list of dicts; one row's image as encoded bytes
+        r["images"] = [pil[i] for i in r["images"]] if isinstance(r["images"], list) else imgs[r["images"]].read_bytes()
     result = orpo.train(_train_cfg(folders["gemma3"], rows, tmp_path / "list"))
     assert result.steps == 2
-    # a datasets.Dataset with an Image column (rows come back as PIL images), and raw bytes
-    ds = datasets.Dataset.from_list([{**r, "images": [p.read_bytes() for p in imgs[:1]]} for r in image_rows([0, 1, 2])[:3]])
+    # a datasets.Dataset whose column has the Image feature (its rows come back as PIL images)
+    ds = datasets.Dataset.from_list([{**r, "images": [str(imgs[i]) for i in r["images"]]}
+                                     for r in image_rows([0, 1, 2])[:4]])
+    ds = ds.cast_column("images", datasets.Sequence(datasets.Image()))
+    assert isinstance(ds[0]["images"][0], Image.Image)
     result = orpo.train(_train_cfg(folders["llava"], ds, tmp_path / "ds"))
     assert result.steps == 2
+    assert json.loads((tmp_path / "ds" / "data_counts.json").read_text())["train"]["kept"] == 4
 
 
 def _one_line_error(cmd_args, cwd):
-    res = subprocess.run([sys.executable, "-m", "orpo", *cmd_args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    res = run_orpo(cmd_args, cwd)
     assert res.returncode != 0
     err = res.stderr.strip()
     assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr[-2000:]
@@ -277,8 +290,7 @@ def test_bad_inputs_get_one_line_each_and_nothing_written(folders, tiny_model_di
 def test_orpo_data_shows_where_the_image_sits(folders, tmp_path):
     imgs = make_images(tmp_path / "pics")
     data = write_jsonl(tmp_path / "pairs.jsonl", image_rows([f"pics/{p.name}" for p in imgs]))
-    res = subprocess.run([sys.executable, "-m", "orpo", "data", str(data), "--model", str(folders["gemma3"]),
-                          "--color", "never"], capture_output=True, text=True, timeout=600)
+    res = run_orpo(["data", data, "--model", folders["gemma3"], "--color", "never"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "<image 1: 4 tokens>" in res.stdout
     assert "<image_soft_token>" not in res.stdout  # the image's tokens are shown as one marker
