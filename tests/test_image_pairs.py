@@ -256,7 +256,7 @@ def _one_line_error(cmd_args, cwd):
 
 def test_bad_inputs_get_one_line_each_and_nothing_written(folders, tiny_model_dir, tmp_path):
     imgs = make_images(tmp_path / "pics")
-    rows = image_rows([p.name for p in imgs])
+    rows = image_rows([f"pics/{p.name}" for p in imgs])
     missing = write_jsonl(tmp_path / "missing.jsonl", rows[:1] + [{**rows[1], "images": ["pics/nope.png"]}])
     base = ["train", "--max-steps", "1", "--precision", "fp32", "--eval-samples", "0"]
     out = tmp_path / "out"
@@ -265,7 +265,7 @@ def test_bad_inputs_get_one_line_each_and_nothing_written(folders, tiny_model_di
     assert f"{missing}:2" in line and "nope.png" in line and "no such file" in line
     assert not any(out.glob("*")) if out.exists() else True
     # images given to a text-only model
-    good = write_jsonl(tmp_path / "pics" / "good.jsonl", rows)
+    good = write_jsonl(tmp_path / "good.jsonl", rows)
     line, _ = _one_line_error(base + ["--model", str(tiny_model_dir), "--data", str(good), "--output-dir", str(out)],
                               tmp_path)
     assert "text-only model" in line and "'llama'" in line
@@ -276,11 +276,11 @@ def test_bad_inputs_get_one_line_each_and_nothing_written(folders, tiny_model_di
     assert not any(out.glob("*")) if out.exists() else True
     # an image file that is not an image; an image part in a completion
     (tmp_path / "pics" / "bad.png").write_text("not an image")
-    bad = write_jsonl(tmp_path / "pics" / "bad.jsonl", [{**rows[0], "images": ["bad.png"]}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**rows[0], "images": ["pics/bad.png"]}])
     line, _ = _one_line_error(base + ["--model", str(folders["gemma3"]), "--data", str(bad), "--output-dir", str(out)],
                               tmp_path)
     assert f"{bad}:1" in line and "cannot be read as an image" in line
-    comp = write_jsonl(tmp_path / "pics" / "comp.jsonl", [{**rows[0], "chosen": [{"role": "assistant", "content": [
+    comp = write_jsonl(tmp_path / "comp.jsonl", [{**rows[0], "chosen": [{"role": "assistant", "content": [
         {"type": "image"}, {"type": "text", "text": "x"}]}]}])
     line, _ = _one_line_error(base + ["--model", str(folders["gemma3"]), "--data", str(comp), "--output-dir", str(out)],
                               tmp_path)
@@ -290,7 +290,7 @@ def test_bad_inputs_get_one_line_each_and_nothing_written(folders, tiny_model_di
 def test_orpo_data_shows_where_the_image_sits(folders, tmp_path):
     imgs = make_images(tmp_path / "pics")
     data = write_jsonl(tmp_path / "pairs.jsonl", image_rows([f"pics/{p.name}" for p in imgs]))
-    res = run_orpo(["data", data, "--model", folders["gemma3"], "--color", "never"], tmp_path)
+    res = run_orpo(["data", "--data", data, "--model", folders["gemma3"], "--color", "never"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "<image 1: 4 tokens>" in res.stdout
     assert "<image_soft_token>" not in res.stdout  # the image's tokens are shown as one marker

@@ -45,7 +45,7 @@ ALLOWED = {
             "multimodal"},
     # the report reads files only (stdlib + matplotlib); the inspector needs data and the tokenizer
     "report": {"errors", "config", "diskio"},
-    "inspect_data": {"config", "data", "errors", "model"},
+    "inspect_data": {"config", "data", "errors", "image_forward", "model"},
     "chat": {"errors", "evaluate", "model"},
     "compare": {"config", "data", "errors", "report", "stats", "train"},
     "__main__": {"cli"},

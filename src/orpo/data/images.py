@@ -210,13 +210,13 @@ def tokenize_image_pair(pair, processor, max_length: int, max_prompt_length: int
         return None, "chosen identical to rejected", 0, 0
     img_ids = image_token_ids(processor)
     n_img = sum(1 for t in prompt if t in img_ids)
-    limit = min(max_length - 1, max_prompt_length if max_prompt_length is not None else max_length)
-    if len(prompt) > limit:
-        flag = "--max-prompt-length" if max_prompt_length is not None and max_prompt_length < max_length else "--max-length"
-        raise UserError(f"{pair.where}: the prompt has {len(prompt)} tokens ({n_img} of them for its "
-                        f"{len(pair.images)} image(s)), more than {flag} allows ({limit if flag == '--max-length' else max_prompt_length}"
-                        f"{' with room for a completion' if flag == '--max-length' else ''}); an image's tokens are "
-                        f"never truncated: raise {flag} to at least {len(prompt) + (1 if flag == '--max-length' else 0)}")
+    what = f"the prompt is {len(prompt)} tokens ({n_img} of them for its {len(pair.images)} image(s), never truncated)"
+    if len(prompt) >= max_length:
+        raise UserError(f"{pair.where}: {what} and leaves no room for a completion within --max-length {max_length}; "
+                        f"raise --max-length above {len(prompt)}")
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        raise UserError(f"{pair.where}: {what}, more than --max-prompt-length {max_prompt_length}; raise "
+                        f"--max-prompt-length to at least {len(prompt)}")
     full = len(chosen) + len(rejected)
     room = max_length - len(prompt)
     if max_completion_length is not None:
