@@ -234,8 +234,10 @@ def test_trains_from_rows_in_memory_with_pil_images_and_bytes(folders, tmp_path)
     rows = image_rows([0, 1, 2])
     for r in rows:  # PIL images in a list of dicts; one row's image as encoded bytes
         r["images"] = [pil[i] for i in r["images"]] if isinstance(r["images"], list) else imgs[r["images"]].read_bytes()
-    result = orpo.train(_train_cfg(folders["gemma3"], rows, tmp_path / "list"))
+    result = orpo.train(_train_cfg(folders["gemma3"], rows, tmp_path / "list"))  # full fine-tuning
     assert result.steps == 2
+    before, after = vision_state(folders["gemma3"]), vision_state(result.model_dir)
+    assert before and before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # a datasets.Dataset whose column has the Image feature (its rows come back as PIL images)
     ds = datasets.Dataset.from_list([{**r, "images": [str(imgs[i]) for i in r["images"]]}
                                      for r in image_rows([0, 1, 2])[:4]])
@@ -294,3 +296,71 @@ def test_orpo_data_shows_where_the_image_sits(folders, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "<image 1: 4 tokens>" in res.stdout
     assert "<image_soft_token>" not in res.stdout  # the image's tokens are shown as one marker
+
+
+def test_the_token_cache_keeps_the_images_and_changes_with_them(folders, tmp_path, monkeypatch):
+    """A cached store gives back each pair's images; an image file rewritten in place is new data (new cache
+    entry, new content id for --resume); PIL images in memory are cached as PNG bytes."""
+    from PIL import Image
+
+    from orpo.data.images import open_image
+    from orpo.data.prepare import scan_rows, tokenize_rows
+
+    monkeypatch.setenv("ORPO_CACHE", str(tmp_path / "cache"))
+    imgs = make_images(tmp_path / "pics")
+    data = write_jsonl(tmp_path / "pairs.jsonl", image_rows([f"pics/{p.name}" for p in imgs]))
+    processor = image_forward.load_processor(folders["gemma3"])
+    tok = processor.tokenizer
+
+    def load():
+        rows = scan_rows(str(data))
+        return rows, tokenize_rows(rows, tok, 96, processor=processor)[0]
+
+    rows1, first = load()
+    rows2, again = load()  # from the cache: the same tokens and the same images
+    assert rows2.key == rows1.key and rows1.content.startswith("sha256:") and "+images:sha256:" in rows1.content
+    assert [p.images for p in again] == [p.images for p in first] == [(str(imgs[0].resolve()),),
+                                                                       (str(imgs[1].resolve()),),
+                                                                       (str(imgs[2].resolve()),),
+                                                                       (str(imgs[0].resolve()), str(imgs[1].resolve())),
+                                                                       (str(imgs[2].resolve()),)]
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(imgs[2])  # the same path, other pixels
+    rows3, _ = load()
+    assert rows3.key != rows1.key and rows3.content != rows1.content
+    # in memory: PIL images are kept as PNG bytes through the cache, pixel for pixel
+    pil = Image.open(imgs[0]).convert("RGB")
+    mem = [{**image_rows(["x"])[0], "images": [pil]}]
+    store = tokenize_rows(scan_rows(mem), tok, 96, processor=processor)[0]
+    again = tokenize_rows(scan_rows(mem), tok, 96, processor=processor)[0]
+    assert isinstance(again[0].images[0], bytes)
+    assert np.array_equal(np.asarray(open_image(again[0].images[0])), np.asarray(pil))
+    assert list(again[0].prompt) == list(store[0].prompt)
+
+
+def test_qwen_vl_image_pairs_need_torchvision_in_one_line(tmp_path, chatml_tokenizer):
+    """Qwen-VL processors load a torchvision video processor; without torchvision the run stops in one line
+    before the model loads (text pairs still train these checkpoints: tests/test_multimodal.py)."""
+    import importlib.util
+
+    from mm_archs import save
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
+    folder = save("qwen2_5_vl", tmp_path / "qwen", chatml_tokenizer)
+    imgs = make_images(tmp_path / "pics")
+    data = write_jsonl(tmp_path / "pairs.jsonl", image_rows([f"pics/{p.name}" for p in imgs]))
+    line, _ = _one_line_error(["train", "--model", folder, "--data", data, "--output-dir", tmp_path / "out",
+                               "--max-steps", "1"], tmp_path)
+    assert "'qwen2_5_vl'" in line and "torchvision" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_images_need_chat_messages(tmp_path):
+    from orpo.data.readers import load_pairs
+
+    imgs = make_images(tmp_path / "pics", 1)
+    data = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b",
+                                                    "images": ["pics/img0.png"]}])
+    with pytest.raises(UserError, match=r"plain.jsonl:1: field 'images': image pairs need chat messages"):
+        load_pairs(data)
+    assert imgs

@@ -32,6 +32,9 @@ from .support import _QuietDropout, _checked_params, _loss, real_tolerances, ver
 
 SHARED, PER_ROW = "encoder once per pair", "the model's own forward with pixel_values per row"
 NOT_PIXELS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# processors that load a torchvision video processor whatever the data holds (transformers 5.25)
+TORCHVISION_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen2_5_omni",
+                     "qwen3_omni_moe", "glm4v", "glm4v_moe")
 
 
 def check_model(config, folder, data_name: str) -> None:
@@ -46,17 +49,27 @@ def load_processor(folder, trust_remote_code: bool = False):
     """The model's processor (image processor, tokenizer, chat template) from its folder, in one line if it
     cannot load. PIL image processors are used: torchvision (the fast ones') does not import with every
     torch build."""
-    from transformers import AutoProcessor
+    import importlib.util
 
+    from transformers import AutoConfig, AutoProcessor
+
+    model_type = getattr(AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code), "model_type", "")
+    no_tv = importlib.util.find_spec("torchvision") is None
+    torchvision = (f"{folder}: image pairs on {model_type!r} need its processor, whose video processor needs "
+                   "torchvision, which is not installed here; install the torchvision build that matches your torch "
+                   "(from the same index as torch: pip's default one replaces the torch build), or train on text "
+                   "pairs, which need no processor (docs/models.md)")
+    if no_tv and model_type in TORCHVISION_TYPES:
+        raise UserError(torchvision)
     try:
         processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code, backend="pil")
-    except ImportError as e:
-        need = "torchvision" if "torchvision" in str(e).lower() else str(e).splitlines()[0]
-        raise UserError(f"{folder}: the model's image processor needs {need}, which is not installed here; install the "
-                        "build that matches your torch (see docs/models.md)") from None
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - a missing torchvision surfaces as several error types
+        if no_tv and "torchvision" in f"{e} {e.__context__}".lower():
+            raise UserError(torchvision) from None
+        if not isinstance(e, (OSError, ValueError, TypeError, KeyError, AttributeError)):
+            raise
         raise UserError(f"{folder}: image pairs need the model's processor (preprocessor_config.json / "
-                        f"processor_config.json), which does not load ({str(e).splitlines()[0][:160]})") from None
+                        f"processor_config.json), which does not load ({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
     if getattr(processor, "image_processor", None) is None or not image_token_ids(processor):
         raise UserError(f"{folder}: the model's processor ({type(processor).__name__}) has no image processor or image "
                         "token; image pairs need an image-text processor")
