@@ -364,3 +364,23 @@ def test_images_need_chat_messages(tmp_path):
     with pytest.raises(UserError, match=r"plain.jsonl:1: field 'images': image pairs need chat messages"):
         load_pairs(data)
     assert imgs
+
+
+def test_the_check_falls_back_to_the_stock_forward_per_row_when_sharing_is_wrong(folders):
+    """Features computed once per pair that differ from the stock forward's (here: scaled) are caught by
+    the start-up check, which then runs image pairs through the stock forward with pixel_values per row."""
+    model = load_model(folders["gemma3"])
+    processor = image_forward.load_processor(folders["gemma3"])
+    true = model.get_image_features
+
+    def scaled(**kw):
+        out = true(**kw)
+        out.pooler_output = out.pooler_output * 1.5
+        return out
+
+    model.get_image_features = scaled  # what the shared path calls; the stock forward calls its inner model's
+    images = image_forward.ImagePath(model, processor)
+    paths = Paths("blocks", True, True, "linear")
+    assert images.decide(model, paths) == image_forward.PER_ROW
+    assert "image pairs: one sequence per row, the model's own forward with pixel_values per row (log-probs off" \
+        in paths.line()

@@ -70,10 +70,15 @@ def load_processor(folder, trust_remote_code: bool = False):
             raise
         raise UserError(f"{folder}: image pairs need the model's processor (preprocessor_config.json / "
                         f"processor_config.json), which does not load ({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
-    if getattr(processor, "image_processor", None) is None or not image_token_ids(processor):
+    if getattr(processor, "image_processor", None) is None or not image_token_ids(processor) or not placeholder(processor):
         raise UserError(f"{folder}: the model's processor ({type(processor).__name__}) has no image processor or image "
                         "token; image pairs need an image-text processor")
     return processor
+
+
+def placeholder(processor) -> str | None:
+    """The text that stands for one image before the processor expands it (Gemma-3's start-of-image)."""
+    return getattr(processor, "image_token", None) or getattr(processor.tokenizer, "image_token", None)
 
 
 @dataclass
@@ -100,8 +105,7 @@ class ImagePath:
         self.accepts = set(inspect.signature(type(lm).forward).parameters)
         self.image_ids = sorted(image_token_ids(processor))
         self.token_types = "token_type_ids" in self.accepts  # Gemma-3: image tokens attend both ways
-        placeholder = getattr(processor, "image_token", None) or processor.tokenizer.image_token
-        self.placeholder = placeholder
+        self.placeholder = placeholder(processor)
 
     def pixels(self, refs) -> dict:
         """The processor's tensors for one pair's images that the model's forward takes (pixel_values,
@@ -181,10 +185,15 @@ class ImagePath:
         logp = torch.log_softmax(logits.flatten(0, 1).index_select(0, batch.src).float(), -1)
         return logp.gather(1, batch.target[:, None].to(dev)).squeeze(1)
 
-    def decide(self, model, paths, amp=None) -> str:
+    def decide(self, model, paths, amp=None, check: bool = True) -> str:
         """Set and return this path's mode for ``model``: SHARED where it gives the stock forward's
         log-probs and gradient (checked on the real model, at the run's precision), else PER_ROW with the
-        reason. Also sets ``paths.images`` (the words of the run's path line)."""
+        reason. Also sets ``paths.images`` (the words of the run's path line). ``check`` False (weights
+        sharded or partitioned here, so the real model cannot run alone): PER_ROW, the stock forward."""
+        if not check:
+            self.mode = PER_ROW
+            paths.images = f"{PER_ROW} (unchecked: the weights are sharded or partitioned here)"
+            return self.mode
         lm = base_causal_lm(model)
         dev = next(lm.parameters()).device
         vocab = int(text_config(lm.config).vocab_size)
@@ -217,8 +226,7 @@ class ImagePath:
                                     f"log-probs matched the model's own forward ({why}; per row: {why_now}); please "
                                     "report this model")
                 why = why_now
-        paths.images = "vision encoder once per pair" if self.mode == SHARED else \
-            f"the model's own forward with pixel_values per row ({why})"
+        paths.images = "vision encoder once per pair" if self.mode == SHARED else f"{PER_ROW} ({why})"
         return self.mode
 
 

@@ -414,6 +414,6 @@ def choose_paths(model, cfg, device, say, sharded: bool = False, images=None) ->
                    weights_dtype=torch.bfloat16 if getattr(cfg, "bf16_weights", False) else None,
                    check_real=not sharded)
     if images is not None:  # image pairs: an orpo.image_forward.ImagePath, checked on the real model
-        images.decide(model, paths, torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else None)
+        images.decide(model, paths, torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else None, not sharded)
     say(paths.line())
     return paths
