@@ -329,7 +329,7 @@ def test_the_token_cache_keeps_the_images_and_changes_with_them(folders, tmp_pat
     assert rows3.key != rows1.key and rows3.content != rows1.content
     # in memory: PIL images are kept as PNG bytes through the cache, pixel for pixel
     pil = Image.open(imgs[0]).convert("RGB")
-    mem = [{**image_rows(["x"])[0], "images": [pil]}]
+    mem = [{**image_rows(["x", "y", "z"])[0], "images": [pil]}]
     store = tokenize_rows(scan_rows(mem), tok, 96, processor=processor)[0]
     again = tokenize_rows(scan_rows(mem), tok, 96, processor=processor)[0]
     assert isinstance(again[0].images[0], bytes)
