@@ -209,13 +209,17 @@ def _train_cfg(folder, data, out, **kw):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_trains_from_a_jsonl_file_with_relative_paths_and_saves_the_vision_tower_bit_for_bit(folders, name, tmp_path):
     imgs = make_images(tmp_path / "data" / "pics")
-    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", image_rows([f"pics/{p.name}" for p in imgs]))
+    text_row = {"prompt": [{"role": "user", "content": "Write about the sea."}],
+                "chosen": [{"role": "assistant", "content": "The sea is blue."}], "rejected": [{"role": "assistant", "content": "No."}]}
+    # text pairs mixed in: a micro-batch with an image pair runs it one sequence per row
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", image_rows([f"pics/{p.name}" for p in imgs]) + [text_row])
     out = tmp_path / "run"
     res = run_orpo(["train", "--model", folders[name], "--data", data, "--output-dir", out, "--max-steps", "2",
                     "--batch-size", "2", "--precision", "fp32", "--lr", "1e-2", "--save-steps", "0", "--eval-samples", "0",
                     "--max-length", "96"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "image pairs: one sequence per row, vision encoder once per pair" in res.stdout + res.stderr
+    assert "6 rows, 6 pairs kept" in res.stdout + res.stderr
     saved = out / "model"
     before, after = vision_state(folders[name]), vision_state(saved)
     assert before and before.keys() == after.keys()
@@ -243,8 +247,8 @@ def test_trains_from_rows_in_memory_with_pil_images_and_bytes(folders, tmp_path)
                                      for r in image_rows([0, 1, 2])[:4]])
     ds = ds.cast_column("images", datasets.Sequence(datasets.Image()))
     assert isinstance(ds[0]["images"][0], Image.Image)
-    result = orpo.train(_train_cfg(folders["llava"], ds, tmp_path / "ds"))
-    assert result.steps == 2
+    result = orpo.train(_train_cfg(folders["llava"], ds, tmp_path / "ds", eval_data=ds))  # evaluated on images too
+    assert result.steps == 2 and np.isfinite(result.eval_metrics["eval_loss"])
     assert json.loads((tmp_path / "ds" / "data_counts.json").read_text())["train"]["kept"] == 4
 
 
