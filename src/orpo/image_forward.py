@@ -32,9 +32,9 @@ from .support import _QuietDropout, _checked_params, _loss, real_tolerances, ver
 
 SHARED, PER_ROW = "encoder once per pair", "the model's own forward with pixel_values per row"
 NOT_PIXELS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-# processors that load a torchvision video processor whatever the data holds (transformers 5.25)
+# processors that load a torchvision video (or image) processor whatever the data holds (transformers 5.25)
 TORCHVISION_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen2_5_omni",
-                     "qwen3_omni_moe", "glm4v", "glm4v_moe")
+                     "qwen3_omni_moe", "glm4v", "glm4v_moe", "gemma4", "llama4", "smolvlm")
 
 
 def check_model(config, folder, data_name: str) -> None:
@@ -55,8 +55,8 @@ def load_processor(folder, trust_remote_code: bool = False):
 
     model_type = getattr(AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code), "model_type", "")
     no_tv = importlib.util.find_spec("torchvision") is None
-    torchvision = (f"{folder}: image pairs on {model_type!r} need its processor, whose video processor needs "
-                   "torchvision, which is not installed here; install the torchvision build that matches your torch "
+    torchvision = (f"{folder}: image pairs on {model_type!r} need its processor, whose video or image processor "
+                   "needs torchvision, which is not installed here; install the torchvision build that matches your torch "
                    "(from the same index as torch: pip's default one replaces the torch build), or train on text "
                    "pairs, which need no processor (docs/models.md)")
     if no_tv and model_type in TORCHVISION_TYPES:
@@ -66,6 +66,8 @@ def load_processor(folder, trust_remote_code: bool = False):
     except Exception as e:  # noqa: BLE001 - a missing torchvision surfaces as several error types
         if no_tv and "torchvision" in f"{e} {e.__context__}".lower():
             raise UserError(torchvision) from None
+        if isinstance(e, ImportError):  # another package the processor needs (SmolVLM's num2words, say)
+            raise UserError(f"{folder}: the model's processor cannot load here: {str(e).splitlines()[0]}") from None
         if not isinstance(e, (OSError, ValueError, TypeError, KeyError, AttributeError)):
             raise
         raise UserError(f"{folder}: image pairs need the model's processor (preprocessor_config.json / "

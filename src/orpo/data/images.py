@@ -26,7 +26,6 @@ import numpy as np
 from ..errors import UserError
 
 IMAGE_KEYS = ("images", "image")
-ImageRef = "str | bytes"  # an absolute path, or an encoded image
 
 
 def _is_pil(value: Any) -> bool:
