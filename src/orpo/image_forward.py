@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import attention
 from .data.batching import Batch, collate
 from .data.images import image_token_ids, open_image
 from .data.templates import TokenizedPair
@@ -126,15 +127,16 @@ class ImagePath:
         batch.vision = Vision([self.pixels(p.images) if p.images else None for p in pairs], types)
         return batch
 
-    def inputs(self, lm, batch: Batch) -> tuple[dict, object]:
-        """The keyword arguments of the model's own forward for ``batch``, and the module that returns the
-        final hidden states (the composite base model, under the head)."""
+    def inputs(self, lm, batch: Batch, mode: str | None = None) -> tuple[dict, object]:
+        """The keyword arguments of the model's own forward for ``batch`` (the way ``mode``, else this
+        path's mode, says), and the module that returns the final hidden states (the composite base
+        model, under the head)."""
         ids, vision = batch.input_ids, batch.vision
         kw = dict(input_ids=ids, attention_mask=batch.layout.padding_mask(ids.device), use_cache=False)
         if vision.token_type_ids is not None:
             kw["token_type_ids"] = vision.token_type_ids
         rows = [p for p in vision.pixels for _ in range(2)]  # each pair's images, for its chosen and rejected row
-        if self.mode == SHARED:
+        if (mode or self.mode) == SHARED:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
             with torch.no_grad():  # frozen encoder: a constant of the pair, computed once
@@ -182,7 +184,7 @@ class ImagePath:
     def stock(self, lm, batch: Batch):
         """The reference: the model's own forward with pixel_values (and its extras) per row, full logits."""
         dev = batch.input_ids.device
-        kw, _ = ImagePath.inputs(_PerRow(self), lm, batch)
+        kw, _ = self.inputs(lm, batch, PER_ROW)
         logits = lm(**kw).logits
         logp = torch.log_softmax(logits.flatten(0, 1).index_select(0, batch.src).float(), -1)
         return logp.gather(1, batch.target[:, None].to(dev)).squeeze(1)
@@ -203,11 +205,9 @@ class ImagePath:
         params = _checked_params(model)
         tol = real_tolerances(model, amp)
         why = None
-        from . import attention
 
         with _QuietDropout(model), torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             batch = self.collate(pairs, False).to(dev)
-            batch.vision.to(dev)
             ref_lp = self.stock(lm, batch)
             ref = (ref_lp.detach().float(), _grads(_loss(ref_lp, batch), params))
             for mode in (SHARED, PER_ROW):
@@ -230,14 +230,6 @@ class ImagePath:
                 why = why_now
         paths.images = "vision encoder once per pair" if self.mode == SHARED else f"{PER_ROW} ({why})"
         return self.mode
-
-
-class _PerRow:
-    """An ImagePath's settings in PER_ROW mode (the reference of the check)."""
-
-    def __init__(self, path: ImagePath):
-        self.__dict__.update(path.__dict__)
-        self.mode = PER_ROW
 
 
 def _grads(loss, params):
