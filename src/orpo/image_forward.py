@@ -35,7 +35,7 @@ SHARED, PER_ROW = "encoder once per pair", "the model's own forward with pixel_v
 NOT_PIXELS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 # processors that load a torchvision video (or image) processor whatever the data holds (transformers 5.25)
 TORCHVISION_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen2_5_omni",
-                     "qwen3_omni_moe", "glm4v", "glm4v_moe", "gemma4", "llama4", "smolvlm")
+                     "qwen3_omni_moe", "glm4v", "glm4v_moe", "gemma4", "llama4", "smolvlm", "mistral3")
 
 
 def check_model(config, folder, data_name: str) -> None:
@@ -68,7 +68,8 @@ def load_processor(folder, trust_remote_code: bool = False):
         if no_tv and "torchvision" in f"{e} {e.__context__}".lower():
             raise UserError(torchvision) from None
         if isinstance(e, ImportError):  # another package the processor needs (SmolVLM's num2words, say)
-            raise UserError(f"{folder}: the model's processor cannot load here: {str(e).splitlines()[0]}") from None
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise UserError(f"{folder}: the model's processor cannot load here: {first}") from None
         if not isinstance(e, (OSError, ValueError, TypeError, KeyError, AttributeError)):
             raise
         raise UserError(f"{folder}: image pairs need the model's processor (preprocessor_config.json / "
