@@ -110,11 +110,15 @@ def test_max_rows(tmp_path):
         ('{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}\n',
          r"field 'chosen' message 0: a completion must be an 'assistant' message"),
         ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}\n', r"field 'prompt' message 0: missing 'content'"),
-        # image-text pairs are refused, never trained on their text alone
-        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"images": ["x.png"], "prompt": "a", "chosen": "b", "rejected": "c"}\n',
-         r"bad.jsonl:2: field 'images': image-text preference pairs are not supported yet"),
+        # image-text pairs: a missing image file, an image part without images, images on plain strings
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"images": ["x.png"], "prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}\n',
+         r"bad.jsonl:2: field 'images': image 1: x.png: no such file"),
         ('{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}], "chosen": "a", "rejected": "b"}\n',
-         r"bad.jsonl:1: field 'prompt' message 0: an image part; image-text preference pairs are not supported yet"),
+         r"bad.jsonl:1: field 'prompt' has an image part but the row has no 'images' field"),
+        ('{"images": [], "prompt": "a", "chosen": "b", "rejected": "c"}\n{"images": "x.png", "prompt": "a", "chosen": "b", "rejected": "c"}\n',
+         r"bad.jsonl:2: field 'images': image 1: x.png: no such file"),
+        ('{"prompt": [{"role": "user", "content": [{"type": "video"}]}], "chosen": "a", "rejected": "b"}\n',
+         r"bad.jsonl:1: field 'prompt' message 0: video parts are not supported"),
     ],
 )
 def test_fatal_rows_name_file_line_field(tmp_path, content, match):

@@ -37,6 +37,7 @@ class Paths:
     head: str = "model"
     reason: str = ""
     rejected: dict = field(default_factory=dict)  # candidate -> why it was not used
+    images: str = ""  # image pairs: how they run (orpo.image_forward); empty without image pairs
 
     @property
     def name(self) -> str:
@@ -44,11 +45,12 @@ class Paths:
 
     def line(self) -> str:
         """The one line a run prints about its path."""
+        images = f"; image pairs: one sequence per row, {self.images}" if self.images else ""
         if self.attention == "separate":
-            return f"fallback: one sequence per row, {_head_words(self.head)} ({self.reason})"
+            return f"fallback: one sequence per row, {_head_words(self.head)} ({self.reason}){images}"
         parts = [self.attention] + [w for w, on in (("prefix sharing", self.prefix_sharing),
                                                       ("packing", self.packing)) if on]
-        return f"attention: {' + '.join(parts)}; {_head_words(self.head)} ({self.reason})"
+        return f"attention: {' + '.join(parts)}; {_head_words(self.head)} ({self.reason}){images}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,9 +107,11 @@ class PolicyForward(nn.Module):
     paths: a checked :class:`orpo.support.Paths`, or just an attention mode name (tests and benchmarks:
     prefix sharing and packing on, the head picked from its type alone, nothing checked).
     chunk: tokens per lm-head chunk (0: automatic).
+    images: an :class:`orpo.image_forward.ImagePath` where the data holds image pairs: a micro-batch with
+    one runs one sequence per row through it (text-only micro-batches keep ``paths``).
     """
 
-    def __init__(self, model: nn.Module, paths="blocks", chunk: int = 0):
+    def __init__(self, model: nn.Module, paths="blocks", chunk: int = 0, images=None):
         super().__init__()
         lm = base_causal_lm(model)
         config = text_config(lm.config)  # an image-text model's language model reads its text config
@@ -118,6 +122,7 @@ class PolicyForward(nn.Module):
         self.model = model
         self.paths = paths
         self.chunk = chunk
+        self.images = images
         if paths.attention in ("blocks", "flex"):
             attention.enable(config)
         else:
@@ -132,6 +137,8 @@ class PolicyForward(nn.Module):
 
     def collate(self, pairs, prompt_in_nll: bool, pad_id: int = 0) -> Batch:
         """A micro-batch laid out the way this forward runs it."""
+        if self.images is not None and any(p.images for p in pairs):
+            return self.images.collate(pairs, prompt_in_nll, pad_id)
         share, pack = self.paths.prefix_sharing, self.paths.packing
         batch = collate(pairs, share, pack, prompt_in_nll, pad_id)
         if self.row_limit and batch.layout.length > self.row_limit and (share or pack):
@@ -147,7 +154,10 @@ class PolicyForward(nn.Module):
         ids, src = batch.input_ids, batch.src
         kwargs = dict(input_ids=ids, position_ids=batch.position_ids, use_cache=False)
         mode = self.paths.attention
-        if mode == "flex":
+        decoder = None
+        if batch.vision is not None:  # image pairs: the model's own forward, one sequence per row
+            kwargs, decoder = self.images.inputs(lm, batch)
+        elif mode == "flex":
             # Pad each row to a multiple of 128 (FlexAttention's tile) and move the gather indices with it.
             t = ids.shape[1]
             t_pad = -(-t // 128) * 128
@@ -167,7 +177,7 @@ class PolicyForward(nn.Module):
             kwargs["attention_mask"] = batch.layout.padding_mask(ids.device)
         if self.paths.head == "model":
             return self._model_head_logps(lm, kwargs, src, batch.target)
-        out = language_decoder(lm)(**kwargs)
+        out = (decoder or language_decoder(lm))(**kwargs)
         hidden = out.last_hidden_state.flatten(0, 1).index_select(0, src)
         head = lm.get_output_embeddings()
         if self.plain_head:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import column_map
 from .data.readers import load_pairs, read_raw
+from .data.images import image_token_ids
 from .data.templates import TokenizedPair, TokenStats, end_token_ids, tokenize_pairs
 from .errors import UserError
 
@@ -48,6 +49,7 @@ class DataInspection:
     notes: list[str] = field(default_factory=list)
     multi_turn: int = 0
     full_tokens: int = 0  # prompt + chosen + rejected tokens of the usable rows before truncation (prompt once)
+    image_ids: set = field(default_factory=set)  # image pairs: the ids of the image tokens, shown as one marker
 
     def as_dict(self) -> dict:
         return {
@@ -90,12 +92,21 @@ def inspect_data(
     max_rows: int | None = None,
     n_examples: int = 2,
     columns: str | dict | None = None,
+    processor=None,
 ) -> DataInspection:
+    """``processor``: the model's processor, or a function that loads it, called only where the data holds
+    image pairs (which it renders and expands)."""
     pairs, skips, n_read = load_pairs(source, max_rows, column_map(columns))
+    image_ids: set = set()
+    if any(p.images for p in pairs):
+        processor = processor() if callable(processor) and not hasattr(processor, "image_processor") else processor
+        image_ids = image_token_ids(processor) if processor is not None else set()
+    else:
+        processor = None
     fmt = describe_format(source, pairs)
     # Full lengths: the same tokenization with no length limit.
     full_stats = TokenStats()
-    full = tokenize_pairs(pairs, tokenizer, NO_LIMIT, None, full_stats) if pairs else []
+    full = tokenize_pairs(pairs, tokenizer, NO_LIMIT, None, full_stats, processor=processor) if pairs else []
     skipped = dict(skips.counts)
     for reason, n in full_stats.skips.counts.items():
         skipped[reason] = skipped.get(reason, 0) + n
@@ -107,7 +118,7 @@ def inspect_data(
     }
     # What training gets with this max_length (the exact code path, so the counts match the run's).
     fit_stats = TokenStats()
-    fitted = tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, fit_stats) if pairs else []
+    fitted = tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, fit_stats, processor=processor) if pairs else []
     fit_stats.rows_read = n_read
     for reason, n in skips.counts.items():  # rows dropped while reading count as dropped here too
         for _ in range(n):
@@ -120,7 +131,7 @@ def inspect_data(
         source=str(source), format=fmt, rows_read=n_read, usable_rows=len(full), skipped=skipped, lengths=lengths,
         max_length=max_length, max_prompt_length=max_prompt_length, fitted=fit_stats.as_dict(),
         examples=fitted[:n_examples], notes=notes, multi_turn=multi,
-        full_tokens=sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in full),
+        full_tokens=sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in full), image_ids=image_ids,
     )
 
 
@@ -155,9 +166,30 @@ def _style(text: str, style: str, color: bool) -> str:
     return f"{style}{text}{RESET}" if color and text else text
 
 
-def render_sequence(tokenizer, prompt, completion, prompt_in_loss: bool, completion_style: str, color: bool) -> str:
+def _decode_prompt(tokenizer, ids, image_ids) -> str:
+    """The prompt's text, each run of image tokens shown as ``<image k: N tokens>``."""
+    ids = list(map(int, ids))
+    if not image_ids:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    out, k, i = [], 0, 0
+    while i < len(ids):
+        j = i
+        inside = ids[i] in image_ids
+        while j < len(ids) and (ids[j] in image_ids) == inside:
+            j += 1
+        if inside:
+            k += 1
+            out.append(f"<image {k}: {j - i} tokens>")
+        else:
+            out.append(tokenizer.decode(ids[i:j], skip_special_tokens=False))
+        i = j
+    return "".join(out)
+
+
+def render_sequence(tokenizer, prompt, completion, prompt_in_loss: bool, completion_style: str, color: bool,
+                    image_ids=frozenset()) -> str:
     """One row as the model sees it: prompt, the boundary, the completion; loss-bearing tokens marked."""
-    p_text = _visible(tokenizer.decode(list(map(int, prompt)), skip_special_tokens=False))
+    p_text = _visible(_decode_prompt(tokenizer, prompt, image_ids))
     c_text = _visible(tokenizer.decode(list(map(int, completion)), skip_special_tokens=False))
     if color:
         p = _style(p_text, CYAN if prompt_in_loss else DIM, True)
@@ -170,15 +202,16 @@ def _token_list(tokenizer, ids) -> str:
     return " ".join(repr(tokenizer.decode([int(i)], skip_special_tokens=False)) for i in ids)
 
 
-def render_example(tokenizer, pair: TokenizedPair, index: int, prompt_in_nll: bool, color: bool) -> str:
+def render_example(tokenizer, pair: TokenizedPair, index: int, prompt_in_nll: bool, color: bool,
+                   image_ids=frozenset()) -> str:
     head = (f"── example {index}: {pair.where} ── {len(pair.prompt)} prompt + {len(pair.chosen)} chosen + "
             f"{len(pair.rejected)} rejected tokens ──")
     lines = [_style(head, BOLD, color)]
     lines.append(_style("prompt + chosen " + ("(NLL on prompt and chosen; odds ratio on chosen):" if prompt_in_nll
                                               else "(NLL and odds ratio on the chosen tokens):"), BOLD, color))
-    lines.append(render_sequence(tokenizer, pair.prompt, pair.chosen, prompt_in_nll, GREEN, color))
+    lines.append(render_sequence(tokenizer, pair.prompt, pair.chosen, prompt_in_nll, GREEN, color, image_ids))
     lines.append(_style("prompt + rejected (odds ratio only on the rejected tokens):", BOLD, color))
-    lines.append(render_sequence(tokenizer, pair.prompt, pair.rejected, False, RED, color))
+    lines.append(render_sequence(tokenizer, pair.prompt, pair.rejected, False, RED, color, image_ids))
     lines.append("boundary tokens: … " + _token_list(tokenizer, pair.prompt[-4:]) + f" {BOUNDARY} "
                  + _token_list(tokenizer, pair.chosen[:4]) + " …")
     lines.append("completion ends: chosen … " + _token_list(tokenizer, pair.chosen[-3:]) + " | rejected … "
@@ -239,7 +272,7 @@ def render_report(info: DataInspection, tokenizer, prompt_in_nll: bool = False, 
         lines.append(legend)
         for i, ex in enumerate(info.examples, 1):
             lines.append("")
-            lines.append(render_example(tokenizer, ex, i, prompt_in_nll, color))
+            lines.append(render_example(tokenizer, ex, i, prompt_in_nll, color, info.image_ids))
     return "\n".join(lines)
 
 
@@ -262,8 +295,20 @@ def inspect_command(cfg, source: str, n_examples: int = 2, color: str = "auto", 
     folder = resolve_model(cfg.model)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
     set_chat_template(tokenizer, cfg.chat_template, say=lambda m: None)
+
+    def processor():  # image pairs: the model's processor, once the model is known to take images
+        from transformers import AutoConfig
+
+        from .image_forward import check_model, load_processor
+
+        check_model(AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code), folder, str(source))
+        proc = load_processor(folder, cfg.trust_remote_code)
+        if cfg.chat_template or not getattr(proc, "chat_template", None):
+            proc.chat_template = tokenizer.chat_template
+        return proc
+
     info = inspect_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_rows, n_examples,
-                        cfg.columns)
+                        cfg.columns, processor)
     text = render_report(info, tokenizer, cfg.prompt_in_nll, use_color(color))
     if as_json:
         text += "\n" + json.dumps(info.as_dict())

@@ -54,7 +54,7 @@ def largest_micro_batch(pairs, batch_size: int, prefix_sharing: bool, packing: b
     p = np.array([len(x.prompt) for x in pairs])
     c = np.array([len(x.chosen) for x in pairs])
     r = np.array([len(x.rejected) for x in pairs])
-    if packing:
+    if packing and not any(getattr(x, "images", None) for x in pairs):  # image pairs: one sequence per row
         per = p + c + r if prefix_sharing else 2 * p + c + r
         return int(np.sort(per)[-batch_size:].sum())
     longest = int(np.max(p + np.maximum(c, r)))

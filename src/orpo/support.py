@@ -393,11 +393,12 @@ def _reason(paths: Paths, mixer, rejected: dict, forced: bool) -> str:
     return "checked against the model's own forward"
 
 
-def choose_paths(model, cfg, device, say, sharded: bool = False) -> Paths:
+def choose_paths(model, cfg, device, say, sharded: bool = False, images=None) -> Paths:
     """:func:`decide` for a run's config, on the model as it will train (adapters attached); prints the
     one line. Unsharded, the model is moved to ``device`` first (where the engine would put it anyway,
     and a GPU's numbers are the ones that count). Sharded (FSDP, DeepSpeed), the model stays where it
-    is, possibly larger than one device: only the miniature is checked, on ``device``."""
+    is, possibly larger than one device: only the miniature is checked, on ``device``. ``images``: the
+    run's image-pair path, whose own check (``images.decide``) sets how image pairs run."""
     lm_device = _device(model)
     quantized = getattr(base_causal_lm(model), "is_loaded_in_4bit", False)
     if not sharded and lm_device != device and lm_device.type != "meta" and not quantized:
@@ -406,5 +407,7 @@ def choose_paths(model, cfg, device, say, sharded: bool = False) -> Paths:
                    precision=getattr(cfg, "precision", "fp32"),
                    weights_dtype=torch.bfloat16 if getattr(cfg, "bf16_weights", False) else None,
                    check_real=not sharded)
+    if images is not None:  # image pairs: an orpo.image_forward.ImagePath, checked on the real model
+        images.decide(model, paths, torch.bfloat16 if getattr(cfg, "precision", "fp32") == "bf16" else None, not sharded)
     say(paths.line())
     return paths

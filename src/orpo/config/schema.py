@@ -382,13 +382,23 @@ def is_in_memory(value: Any) -> bool:
     return value is not None and not isinstance(value, (str, os.PathLike))
 
 
+def _stable(value: Any) -> str:
+    """JSON's stand-in for what it cannot write: the content's hash for bytes and PIL images (whose
+    ``str`` holds a memory address), else ``str``."""
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes:" + hashlib.sha256(value).hexdigest()
+    if hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):
+        return f"image:{value.mode}:{value.size}:" + hashlib.sha256(value.tobytes()).hexdigest()
+    return str(value)
+
+
 def memory_label(value: Any) -> str:
     """'in-memory Dataset (N rows, <hash>)': what config.yaml and the fingerprint record for it."""
     kind = type(value).__name__
     fp = getattr(value, "_fingerprint", None)  # a datasets.Dataset knows its own content hash
     if fp is None:
         rows = value.to_dict("records") if hasattr(value, "to_dict") and hasattr(value, "columns") else value
-        fp = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        fp = hashlib.sha256(json.dumps(rows, sort_keys=True, default=_stable).encode()).hexdigest()[:16]
     try:
         n = len(value)
     except TypeError:

@@ -124,10 +124,13 @@ class Batch:
     n_pairs: int
     pair_tokens: int  # prompt+chosen plus prompt+rejected tokens, the conventional count
     computed_tokens: int  # tokens actually run through the model (padding included)
+    vision: object = None  # image pairs: their pixels (orpo.image_forward.Vision)
 
     def to(self, device) -> "Batch":
         for name in ("input_ids", "position_ids", "src", "target", "pair", "kind"):
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        if self.vision is not None:
+            self.vision.to(device)
         return self
 
 

@@ -28,6 +28,8 @@ import numpy as np
 from ..config import cache_root, column_map, is_in_memory, memory_label
 from ..errors import UserError
 from .formats import hub_revision
+from .images import fingerprint as image_fingerprint
+from .images import processor_fingerprint
 from .memory import source_name
 from .readers import Pair, Skips, iter_pairs
 from .store import META, StoreWriter, TokenStore
@@ -53,6 +55,7 @@ class Rows:
     cacheable: bool = True
     columns: dict | None = None  # --columns: the data's own names of prompt/chosen/rejected
     content: str = ""  # the content's identity, which a resumed run must find unchanged (resume.check_data)
+    images: bool = False  # some rows are image-text pairs (they need the model's processor)
 
     def __iter__(self) -> Iterator[tuple[int, Pair]]:
         """(row index, pair) for every usable row, in source order."""
@@ -126,10 +129,14 @@ def scan_rows(source, max_rows: int | None = None, shuffle_seed: int | None = No
             m = json.loads(marker.read_text())
             skips = Skips(counts=m["skips"], examples=m["examples"])
             selected = np.asarray(m["selected"], dtype=np.int64) if m["selected"] is not None else None
-            return Rows(name, key, m["n_read"], skips, source, max_rows, selected, cacheable=True, columns=columns,
+            rows = Rows(name, key, m["n_read"], skips, source, max_rows, selected, cacheable=True, columns=columns,
                         content=content)
-        except (ValueError, KeyError):
+            if m.get("image_files") is not None:  # the image files are read again: they may have changed
+                _with_images(rows, m["image_files"], m["image_bytes"])
+            return rows
+        except (ValueError, KeyError, OSError):
             pass
+    images = _ImageScan()
 
     skips = Skips()
     selected = None
@@ -140,6 +147,7 @@ def scan_rows(source, max_rows: int | None = None, shuffle_seed: int | None = No
         reasons: dict[int, tuple[str, str]] = {}
         n = 0
         for i, where, _pair, reason in iter_pairs(source, None, columns):
+            images.add(_pair)
             n += 1
             if len(reservoir) < max_rows:
                 slot = len(reservoir)
@@ -160,14 +168,46 @@ def scan_rows(source, max_rows: int | None = None, shuffle_seed: int | None = No
     else:
         n_read = 0
         for _i, where, _pair, reason in iter_pairs(source, max_rows, columns):
+            images.add(_pair)
             n_read += 1
             if reason is not None:
                 skips.add(reason, where)
     if local:
         _atomic_write(marker, json.dumps({"n_read": n_read, "skips": skips.counts, "examples": skips.examples,
-                                          "selected": selected.tolist() if selected is not None else None}))
-    return Rows(name, key, n_read, skips, source, max_rows, selected, cacheable=local or in_memory, columns=columns,
+                                          "selected": selected.tolist() if selected is not None else None,
+                                          **images.marker()}))
+    rows = Rows(name, key, n_read, skips, source, max_rows, selected, cacheable=local or in_memory, columns=columns,
                 content=content)
+    if images.found:
+        _with_images(rows, images.files, images.blobs.hexdigest())
+    return rows
+
+
+class _ImageScan:
+    """The image references met while scanning: the files (read again on a later run, which may find them
+    changed) and a hash of the encoded images held in the rows."""
+
+    def __init__(self):
+        self.found, self.files, self.blobs = False, [], hashlib.sha256()
+
+    def add(self, pair) -> None:
+        if pair is not None and pair.images:
+            self.found = True
+            self.files += [r for r in pair.images if isinstance(r, str)]
+            image_fingerprint(self.blobs, [r for r in pair.images if not isinstance(r, str)])
+
+    def marker(self) -> dict:
+        return {"image_files": self.files, "image_bytes": self.blobs.hexdigest()} if self.found else {}
+
+
+def _with_images(rows: Rows, files: list[str], blobs: str) -> None:
+    """Image pairs: the content id and the cache key also cover the images (each file's path and bytes,
+    the encoded images' bytes), so a changed image is new data for the token cache and for --resume."""
+    h = hashlib.sha256(blobs.encode())
+    image_fingerprint(h, files)  # (OSError on a cached scan: the rows are scanned again, naming file:line)
+    rows.images = True
+    rows.key = hashlib.sha256(f"{rows.key}|images:{h.hexdigest()}".encode()).hexdigest()
+    rows.content = f"{rows.content}+images:sha256:{h.hexdigest()}"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -203,12 +243,15 @@ def _map_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int |
     return out
 
 
-def _tokenize_chunk(pairs: list[Pair], tokenizer, max_length, max_prompt_length, num_proc: int, trunc: dict):
-    """Per pair of the chunk: (tokenized or None, skip reason, prompt cut, completion cut)."""
-    if num_proc <= 1 or len(pairs) < PARALLEL_MIN_ROWS:
+def _tokenize_chunk(pairs: list[Pair], tokenizer, max_length, max_prompt_length, num_proc: int, trunc: dict,
+                    processor=None):
+    """Per pair of the chunk: (tokenized or None, skip reason, prompt cut, completion cut). Image pairs are
+    tokenized in this process (their images do not travel to datasets' workers)."""
+    if num_proc <= 1 or len(pairs) < PARALLEL_MIN_ROWS or any(p.images for p in pairs):
         out = []
         for s in range(0, len(pairs), 512):
-            out += tokenize_batch(pairs[s : s + 512], tokenizer, max_length, max_prompt_length, **trunc)
+            out += tokenize_batch(pairs[s : s + 512], tokenizer, max_length, max_prompt_length, **trunc,
+                                  processor=processor)
         return out
     import datasets
 
@@ -248,11 +291,14 @@ def _stats_from_meta(meta: dict) -> TokenStats:
 
 def tokenize_rows(rows: Rows, tokenizer, max_length: int, max_prompt_length: int | None = None,
                   num_proc: int | None = None, cache: bool = True, max_completion_length: int | None = None,
-                  truncation_mode: str = "keep_end") -> tuple[TokenStore, TokenStats]:
-    """Tokenize and truncate the rows into a :class:`TokenStore` (from the cache if done before)."""
+                  truncation_mode: str = "keep_end", processor=None) -> tuple[TokenStore, TokenStats]:
+    """Tokenize and truncate the rows into a :class:`TokenStore` (from the cache if done before). Image
+    pairs need the model's ``processor``."""
     trunc = {"max_completion_length": max_completion_length, "truncation_mode": truncation_mode}
     # Options at their defaults stay out of the key, so that caches made before they existed stay valid.
     extra = "".join(f"|{k}={v}" for k, v in trunc.items() if v != {"truncation_mode": "keep_end"}.get(k))
+    if rows.images and processor is not None:
+        extra += f"|processor={processor_fingerprint(processor)}"
     key = hashlib.sha256(
         f"{rows.key}|{tokenizer_fingerprint(tokenizer)}|{max_length}|{max_prompt_length}{extra}|v{CACHE_VERSION}".encode()
     ).hexdigest()[:32]
@@ -276,7 +322,8 @@ def tokenize_rows(rows: Rows, tokenizer, max_length: int, max_prompt_length: int
         writer = StoreWriter(tmp)
     try:
         for chunk in _chunks(rows):
-            results = _tokenize_chunk([p for _, p in chunk], tokenizer, max_length, max_prompt_length, workers, trunc)
+            results = _tokenize_chunk([p for _, p in chunk], tokenizer, max_length, max_prompt_length, workers, trunc,
+                                      processor)
             for (row, pair), (tp, reason, p_cut, c_cut) in zip(chunk, results):
                 if tp is None:
                     stats.skips.add(reason, pair.where)
@@ -336,11 +383,13 @@ def prepare_pairs(
     num_proc: int | None = None,
     max_completion_length: int | None = None,
     truncation_mode: str = "keep_end",
+    processor=None,
 ) -> tuple[TokenStore, TokenStats, str]:
     """Scan, check, tokenize and truncate in one call. Returns (store, stats, one-line report)."""
     rows = scan_rows(source, max_rows, shuffle_seed, pairs, label, columns)
     check_strict(rows.name, rows.skips, strict)
     store, stats = tokenize_rows(rows, tokenizer, max_length, max_prompt_length, num_proc=num_proc, cache=cache,
-                                 max_completion_length=max_completion_length, truncation_mode=truncation_mode)
+                                 max_completion_length=max_completion_length, truncation_mode=truncation_mode,
+                                 processor=processor)
     check_usable(rows.name, store, stats, strict)
     return store, stats, report_line(rows.name, stats)

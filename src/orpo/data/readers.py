@@ -25,15 +25,13 @@ from typing import Any, Union
 from ..config import is_in_memory, suggest
 from ..errors import UserError
 from .formats import DATA_SUFFIXES, read_raw  # noqa: F401 - read_raw is part of this module's interface
+from .images import IMAGE_KEYS, image_refs, text_of
 from .memory import source_name
 
 Messages = list[dict]
 Text = Union[str, Messages]
 
 ROLES = ("system", "user", "assistant", "tool")
-# image-text pairs (an image shared by chosen and rejected) are refused rather than trained on their text alone
-IMAGE_PAIRS = ("image-text preference pairs are not supported yet (text pairs do train image-text checkpoints; "
-               "see docs/models.md)")
 FIELDS = ("prompt", "chosen", "rejected")
 
 
@@ -45,6 +43,7 @@ class Pair:
     chosen: Text
     rejected: Text
     where: str  # "file:line" or "file: row N", for messages that point at the source
+    images: list | None = None  # image-text pairs: the prompt's images (orpo.data.images references)
 
     @property
     def conversational(self) -> bool:
@@ -97,17 +96,21 @@ def _check_message(msg: Any, where: str, fname: str, idx: int) -> dict:
     role, content = msg["role"], msg["content"]
     if not isinstance(role, str) or role not in ROLES:
         raise UserError(f"{loc}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    if isinstance(content, list):  # multimodal-style parts: keep the text ones
+    if isinstance(content, list):  # multimodal-style parts: text, and image placeholders (image pairs)
         parts = []
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif isinstance(part, dict) and part.get("type") in ("image", "image_url", "video", "audio"):
-                raise UserError(f"{loc}: an {part['type']} part; {IMAGE_PAIRS}")
+                parts.append({"type": "text", "text": part["text"]})
+            elif isinstance(part, dict) and part.get("type") == "image":
+                parts.append({"type": "image"})  # the image itself comes from the row's 'images' field
+            elif isinstance(part, dict) and part.get("type") in ("image_url", "video", "audio"):
+                raise UserError(f"{loc}: {part['type']} parts are not supported (images go in the row's 'images' "
+                                "field, with {\"type\": \"image\"} parts where they sit; see docs/models.md)")
             else:
-                raise UserError(f"{loc}: content parts other than text are not supported")
-        content = "".join(parts)
-    if not isinstance(content, str):
+                raise UserError(f"{loc}: content parts other than text and image are not supported")
+        has_image = any(p["type"] == "image" for p in parts)
+        content = parts if has_image else "".join(p["text"] for p in parts)
+    if not isinstance(content, (str, list)):
         raise UserError(f"{loc}: 'content' must be a string, got {type(content).__name__}")
     return {"role": role, "content": content}
 
@@ -149,7 +152,7 @@ def _check_order(messages: Messages, where: str, fname: str) -> None:
 
 
 def _has_text(messages: Messages) -> bool:
-    return any(m["content"].strip() for m in messages)
+    return any(text_of(m["content"]).strip() for m in messages)
 
 
 def rename_columns(row: Any, columns: dict[str, str] | None) -> Any:
@@ -171,8 +174,36 @@ def _missing(where: str, need: str, keys: list[str]) -> UserError:
                      "rejected=KEY)")
 
 
-def normalize_row(row: Any, where: str) -> Pair:
-    """Check one raw row and return it as a :class:`Pair`; raise UserError or SkipRow."""
+def normalize_row(row: Any, where: str, base: Path | None = None) -> Pair:
+    """Check one raw row and return it as a :class:`Pair`; raise UserError or SkipRow. ``base``: the
+    folder that relative image paths start from (the data file's)."""
+    pair = _normalize(row, where)
+    images = None
+    for key in IMAGE_KEYS:
+        value = row.get(key)
+        if value is not None and not (isinstance(value, (list, tuple, str, bytes)) and len(value) == 0):
+            images = image_refs(value, where, base)
+            break
+    parts = []  # (field, message) of the messages with image parts
+    if pair.conversational:
+        for fname, msgs in zip(FIELDS, (pair.prompt, pair.chosen, pair.rejected)):
+            parts += [(fname, m) for m in msgs if not isinstance(m["content"], str)]
+    if images is None:
+        if parts:
+            raise UserError(f"{where}: field '{parts[0][0]}' has an image part but the row has no 'images' field")
+        return pair
+    if not pair.conversational:
+        raise UserError(f"{where}: field 'images': image pairs need chat messages (a prompt such as [{{\"role\": "
+                        "\"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"text\", \"text\": ...}]}]), "
+                        "not plain strings")
+    if any(f != "prompt" for f, _ in parts):
+        raise UserError(f"{where}: field '{next(f for f, _ in parts if f != 'prompt')}' has an image part; images belong "
+                        "to the prompt, which chosen and rejected share")
+    pair.images = images
+    return pair
+
+
+def _normalize(row: Any, where: str) -> Pair:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with fields prompt/chosen/rejected, got {type(row).__name__}")
     keys = [str(k) for k in row]
@@ -181,10 +212,6 @@ def normalize_row(row: Any, where: str) -> Pair:
             raise _missing(where, need, keys)
     chosen, rejected = row["chosen"], row["rejected"]
     prompt = row.get("prompt")
-    for key in ("images", "image"):
-        value = row.get(key)
-        if value is not None and not (isinstance(value, (list, str, bytes)) and len(value) == 0):
-            raise UserError(f"{where}: field {key!r}: {IMAGE_PAIRS}")
 
     whole_conversations = (
         isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected
@@ -269,11 +296,12 @@ def iter_pairs(path: str | Path, max_rows: int | None = None,
     data's own keys."""
     conversational = None
     n = 0
+    base = None if is_in_memory(path) else Path(path).parent
     for where, row in read_raw(path):
         if max_rows is not None and n >= max_rows:
             break
         try:
-            pair = normalize_row(rename_columns(row, columns), where)
+            pair = normalize_row(rename_columns(row, columns), where, base)
         except SkipRow as s:
             yield n, where, None, s.reason
             n += 1

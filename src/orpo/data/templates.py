@@ -40,6 +40,7 @@ class TokenizedPair:
     chosen: np.ndarray
     rejected: np.ndarray
     where: str
+    images: tuple | None = None  # image pairs: the prompt's images (orpo.data.images references)
 
     @property
     def pair_tokens(self) -> int:
@@ -191,16 +192,27 @@ def truncate(
 
 def tokenize_batch(
     pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int | None = None,
-    max_completion_length: int | None = None, truncation_mode: str = "keep_end",
+    max_completion_length: int | None = None, truncation_mode: str = "keep_end", processor=None,
 ) -> list[tuple[TokenizedPair | None, str | None, bool, bool]]:
     """Tokenize and truncate a batch of pairs (the Rust tokenizer runs whole batches fast).
 
     Returns, per pair, ``(tokenized pair or None, skip reason or None, prompt cut, completion cut)``; the cuts
     are the numbers of tokens truncation removed from the prompt and from the two completions together
-    (0: not cut).
+    (0: not cut). Image pairs go through the model's ``processor`` (``orpo.data.images``).
     """
     ends = end_token_ids(tokenizer)
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if any(p.images for p in pairs):
+        from .images import tokenize_image_pair
+
+        if processor is None:
+            where = next(p.where for p in pairs if p.images)
+            raise UserError(f"{where}: image pairs need the model's processor (AutoProcessor), which was not loaded")
+        text = [p for p in pairs if not p.images]
+        done = iter(tokenize_batch(text, tokenizer, max_length, max_prompt_length, max_completion_length,
+                                   truncation_mode) if text else [])
+        return [tokenize_image_pair(p, processor, max_length, max_prompt_length, max_completion_length, ends, eos)
+                if p.images else next(done) for p in pairs]
     prompts, fulls_c, fulls_r, special = _render(tokenizer, pairs)
     enc = lambda texts: tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]  # noqa: E731
     out = []
@@ -238,13 +250,15 @@ def tokenize_pairs(
     max_prompt_length: int | None = None,
     stats: TokenStats | None = None,
     batch_size: int = 512,
+    processor=None,
 ) -> list[TokenizedPair]:
     """Tokenize and truncate every pair in this process; skipped pairs are counted in ``stats``."""
     stats = stats if stats is not None else TokenStats()
     out: list[TokenizedPair] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        for pair, (tp, reason, p_cut, c_cut) in zip(chunk, tokenize_batch(chunk, tokenizer, max_length, max_prompt_length)):
+        for pair, (tp, reason, p_cut, c_cut) in zip(chunk, tokenize_batch(chunk, tokenizer, max_length, max_prompt_length,
+                                                                           processor=processor)):
             if reason is not None:
                 stats.skips.add(reason, pair.where)
             else:

@@ -25,6 +25,7 @@ from ..data.prepare import Rows, check_strict, check_usable, report_line, scan_r
 from ..data.store import TokenStore
 from ..errors import UserError
 from ..forward import Paths, PolicyForward
+from ..image_forward import ImagePath, check_model, load_processor
 from ..model import (
     add_lora,
     apply_liger,
@@ -148,14 +149,32 @@ def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     return train, evals
 
 
-def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str) -> tuple[TokenStore | None, dict]:
+def tokenize_data(cfg: TrainConfig, tokenizer, rows: Rows | None, say, tag: str,
+                  processor=None) -> tuple[TokenStore | None, dict]:
     if rows is None:
         return None, {}
     store, stats = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, num_proc=cfg.dataset_num_proc,
-                                 max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
+                                 max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode,
+                                 processor=processor)
     check_usable(rows.name, store, stats, cfg.strict)
     say(f"{tag}: {report_line(rows.name, stats)}")
     return store, stats.as_dict()
+
+
+def image_processor(cfg: TrainConfig, folder: Path, tokenizer, *rows: Rows | None):
+    """The model's processor where the data holds image pairs (None otherwise), after checking that the
+    model takes images; --chat-template applies to it too."""
+    with_images = [r for r in rows if r is not None and r.images]
+    if not with_images:
+        return None
+    from transformers import AutoConfig
+
+    check_model(AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code), folder,
+                with_images[0].name)
+    processor = load_processor(folder, cfg.trust_remote_code)
+    if cfg.chat_template or not getattr(processor, "chat_template", None):
+        processor.chat_template = tokenizer.chat_template
+    return processor
 
 
 def set_up(cfg: TrainConfig, engine: Engine) -> Run:
@@ -178,9 +197,10 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
     folder = resolve_model(cfg.model, quiet=not engine.is_main)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
     set_chat_template(tokenizer, cfg.chat_template, say)
+    processor = image_processor(cfg, folder, tokenizer, train_rows, eval_rows)
     with engine.main_first():  # the others then read the main process's token cache
-        train_pairs, train_counts = tokenize_data(cfg, tokenizer, train_rows, say, "train")
-        eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval")
+        train_pairs, train_counts = tokenize_data(cfg, tokenizer, train_rows, say, "train", processor)
+        eval_pairs, eval_counts = tokenize_data(cfg, tokenizer, eval_rows, say, "eval", processor)
     data_counts = {"train": train_counts, **({"eval": eval_counts} if eval_counts else {})}
     sources = {"train": train_rows, "eval": eval_rows}
     data_ids = {k: r.content for k, r in sources.items() if r is not None}
@@ -203,12 +223,13 @@ def set_up(cfg: TrainConfig, engine: Engine) -> Run:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, say)
     # the fast paths are proven on the model as it will train: adapters attached, train mode, the run's
     # dtypes; sharded, the model is not moved to one device (docs/proof.md)
-    paths = choose_paths(model, cfg, device, say, sharded=engine.sharded)
+    images = ImagePath(model, processor) if processor is not None else None
+    paths = choose_paths(model, cfg, device, say, sharded=engine.sharded, images=images)
     if cfg.compile:
         compile_layers(model)
     trainable, total = count_parameters(model)
     say(f"model: {folder} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable{', LoRA' if cfg.lora else ''})")
-    forward = PolicyForward(model, paths, chunk=cfg.logits_chunk)
+    forward = PolicyForward(model, paths, chunk=cfg.logits_chunk, images=images)
     budget_recompute(forward, model, cfg, device, train_pairs, say, engine.sharded)
     coef = router_loss_coef(model)
     router = RouterLoss(model, coef) if coef else None
