@@ -68,7 +68,9 @@ def child_ours(spec: dict) -> dict:
             "pair_tokens": sum(r["pair_tokens"] for r in train_rows),
             "finite": all(math.isfinite(r["loss"]) for r in train_rows),
             "losses": [round(r["loss"], 4) for r in train_rows[:4]], "step_times": times,
-            "all_losses": [r["loss"] for r in train_rows], **_peak()}
+            "all_losses": [r["loss"] for r in train_rows],
+            "recomputed_layers": json.loads((out / "summary.json").read_text())["paths"].get("recomputed_layers", 0),
+            **_peak()}
 
 
 def child_trl(spec: dict) -> dict:

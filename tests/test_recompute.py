@@ -69,4 +69,5 @@ def test_a_run_over_its_budget_recomputes_layers_and_keeps_its_numbers(tmp_path,
     assert "recompute in the backward" not in said
     tight, said = run("tight", 1e-6)  # 1 KB: every layer recomputes
     assert "2 of 2 layers recompute in the backward pass" in said, said
+    assert json.loads((tmp_path / "tight" / "summary.json").read_text())["paths"]["recomputed_layers"] == 2
     assert tight == kept

@@ -37,6 +37,7 @@ class Paths:
     head: str = "model"
     reason: str = ""
     rejected: dict = field(default_factory=dict)  # candidate -> why it was not used
+    recomputed_layers: int = 0  # decoder layers checkpointed to fit --activation-memory (orpo.recompute)
     images: str = ""  # image pairs: how they run (orpo.image_forward); empty without image pairs
 
     @property

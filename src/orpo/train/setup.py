@@ -261,7 +261,8 @@ def budget_recompute(forward, model, cfg, device, train_pairs, say, sharded: boo
                                            forward.paths.packing)
     budget = int(cfg.activation_memory * recompute.GIB) if cfg.activation_memory else recompute.default_budget(device)
     amp = torch.bfloat16 if cfg.precision == "bf16" else None
-    recompute.plan(forward, decoder_layers(lm), text_config(lm.config), amp, tokens, budget, say)
+    forward.paths.recomputed_layers = recompute.plan(forward, decoder_layers(lm), text_config(lm.config), amp, tokens,
+                                                     budget, say)
 
 
 def restore(run: Run) -> dict | None:
