@@ -210,7 +210,7 @@ def default_model() -> str:
 
 def compare(args) -> dict:
     spec = dict(model=args.model or default_model(), data=args.data, rows=args.rows, max_length=args.max_length,
-                lora=args.lora, lr=1e-4 if args.lora else 5e-6, gc=False, preload=args.preload)
+                lora=args.lora, lr=1e-4 if args.lora else 5e-6, gc=False, preload=args.preload, precision=args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         spec["tmp"] = tmp
         work = workload(spec)
@@ -285,6 +285,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                    help="both tools' precision (fp32: what --precision auto picks on a CPU without native bf16)")
     ap.add_argument("--tools", help="comma list of ours, ours-blocks, ours-flex, ours-liger, ours-gc, ours-nolean, "
                     "trl, trl-gc, trl-liger, dense (default: ours,trl,dense; ours,trl for --memory-table)")
     ap.add_argument("--memory-table", action="store_true", help="peak memory against max_length for both tools")
@@ -315,7 +317,7 @@ def main() -> None:
         res = compare(args)
         all_results["compare"] = res
         print_table(f"{Path(args.data).name}, first {args.rows} rows, max_length {args.max_length}, "
-                    f"{'LoRA r=16' if args.lora else 'full fine-tuning'}, bf16, 2 pairs/step", res)
+                    f"{'LoRA r=16' if args.lora else 'full fine-tuning'}, {args.precision}, 2 pairs/step", res)
     if args.json:
         Path(args.json).write_text(json.dumps(all_results, indent=1))
 
