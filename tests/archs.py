@@ -58,6 +58,7 @@ ARCHS = {
     "lfm2": (dict(layer_types=["conv", "full_attention"]), "blocks"),
     "lfm2_moe": (dict(layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32), "blocks"),
+    "lfm3": (dict(layer_types=["conv", "full_attention"]), "blocks"),
     "qwen3_5": (dict(_type="qwen3_5_text", layer_types=["linear_attention", "full_attention"], head_dim=16,
                      **_LINEAR_ATTN), "separate"),
     "qwen3_next": (dict(layer_types=["linear_attention", "full_attention"], head_dim=16, num_experts=4,

@@ -1,6 +1,6 @@
 """Hybrid models packed where proven (orpo.mixers): LFM2's short convolution reads only its own
 sequence in a packed, prefix-shared row; a convolution that leaks across a boundary is rejected by the
-start-up check; and on the tiny LFM2 and LFM2-MoE models every packed layout gives the stock model's
+start-up check; and on the tiny LFM2, LFM2-MoE and LFM3 models every packed layout gives the stock model's
 step-1 metrics and gradients, under LoRA (the default recipe's all-linear) and full fine-tuning, with
 every prompt and completion longer than the kernel so that each boundary sits inside a conv window."""
 
@@ -21,7 +21,7 @@ from orpo.model import add_lora
 from archs import VOCAB, build
 
 BETA = 0.3
-HYBRIDS = ["lfm2", "lfm2_moe"]  # every mixer type orpo.mixers tells where sequences start
+HYBRIDS = ["lfm2", "lfm2_moe", "lfm3"]  # every mixer type orpo.mixers tells where sequences start
 
 
 def _pairs(seed=3, shapes=((6, 5, 7), (4, 9, 4), (5, 4, 6))):
