@@ -50,8 +50,8 @@ def test_sequence_conv_is_conv1d_on_each_sequence_alone():
     layout = collate(pairs, prefix_sharing=True, packing=False).layout  # one group per row, right-padded
     conv = torch.nn.Conv1d(8, 8, 4, groups=8, bias=True, padding=3).double()
     t = layout.length + 5
-    x = torch.randn(layout.rows, 8, t, dtype=torch.float64, requires_grad=True)
-    y = mixers.sequence_conv(x, conv, layout)
+    x = torch.randn(layout.rows, 8, t, dtype=torch.float64, requires_grad=True)  # (R, D, T), as conv1d takes it
+    y = mixers.sequence_conv(x.transpose(1, 2), conv, layout).transpose(1, 2)
     for g in layout.groups:
         prompt = list(range(g.start, g.start + g.prompt_len))
         for cs, n in g.completions:
@@ -71,9 +71,10 @@ def test_a_leaking_conv_is_rejected_by_the_check(monkeypatch):
     """A short convolution run by plain conv1d over the packed row reads the previous sequence's
     last tokens: the check, not a name list, must refuse every packed path."""
 
-    def leaky(x, conv, layout):
+    def leaky(x, conv, layout):  # x (R, T, D)
         k = int(conv.kernel_size[0])
-        return F.conv1d(x, conv.weight, conv.bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
+        out = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=k - 1, groups=x.shape[-1])
+        return out[..., : x.shape[1]].transpose(1, 2)
 
     monkeypatch.setattr(mixers, "sequence_conv", leaky)
     model = build("lfm2").eval()

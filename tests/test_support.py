@@ -100,8 +100,9 @@ def test_leaks_are_caught_without_the_name_list(models, name, monkeypatch):
 
     monkeypatch.setattr(support, "_MIXER_LAYERS", {})
     monkeypatch.setattr(support, "_MIXER_MODELS", {})
-    monkeypatch.setattr(mixers, "sequence_conv", lambda x, conv, layout: F.conv1d(
-        x, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=x.shape[1])[..., : x.shape[-1]])
+    monkeypatch.setattr(mixers, "sequence_conv", lambda x, conv, layout: F.conv1d(  # x (R, T, D)
+        x.transpose(1, 2), conv.weight, conv.bias, padding=conv.kernel_size[0] - 1,
+        groups=x.shape[-1])[..., : x.shape[1]].transpose(1, 2))
     paths = support.decide(_model(models, name), max_length=64)
     assert paths.attention == "separate"
     assert "blocks/linear" in paths.rejected and "log-probs off" in paths.rejected["blocks/linear"]

@@ -101,32 +101,30 @@ def _fire_conv_hooks(fn):
 
 
 def _packed_short_conv(self, hidden_states: torch.Tensor, layout) -> torch.Tensor:
-    """transformers' ``Lfm2ShortConv.forward`` with its ``conv1d`` replaced by :func:`sequence_conv`. The
-    padding mask it applies first is not needed: no token has a padding position as predecessor."""
-    BCx = self.in_proj(hidden_states).transpose(-1, -2)
-    B, C, x = BCx.chunk(3, dim=-2)
-    hidden_states = B * x
-    hidden_states = sequence_conv(hidden_states, self.conv, layout)
-    y = C * hidden_states
-    y = y.transpose(-1, -2).contiguous()
+    """transformers' ``Lfm2ShortConv.forward`` with its ``conv1d`` replaced by :func:`sequence_conv`, on
+    (R, T, channels) instead of its transposed (R, channels, T): the same products, no transposed copies.
+    The padding mask it applies first is not needed: no token has a padding position as predecessor."""
+    B, C, x = self.in_proj(hidden_states).chunk(3, dim=-1)
+    y = C * sequence_conv(B * x, self.conv, layout)
     return self.out_proj(y)
 
 
 def sequence_conv(x: torch.Tensor, conv: nn.Conv1d, layout) -> torch.Tensor:
-    """x (R, D, T) -> the causal depthwise ``conv`` (width k, its k - 1 zeros of left padding) over each
-    sequence of ``layout`` alone, (R, D, T) in x's dtype, computed in the weight's dtype as the stock
-    ``causal_conv1d_fn`` does."""
-    rows, dim, t = x.shape
+    """x (R, T, D) -> the causal depthwise ``conv`` (width k, its k - 1 zeros of left padding) over each
+    sequence of ``layout`` alone, (R, T, D) in x's dtype. Summed in fp32 where the weight is bf16 or fp16
+    (the stock ``conv1d`` accumulates in fp32 too)."""
+    rows, t, dim = x.shape
     k = int(conv.kernel_size[0])
     weight = conv.weight[:, 0, :]  # (D, k)
-    flat = x.to(weight.dtype).transpose(1, 2).reshape(rows * t, dim)
+    weight = weight.float() if weight.dtype in (torch.bfloat16, torch.float16) else weight
+    flat = x.reshape(rows * t, dim).to(weight.dtype)
     padded = torch.cat((flat, flat.new_zeros(1, dim)))  # row N: the zero of a missing predecessor
     out = flat * weight[:, k - 1]
     for s, idx in enumerate(predecessor_chain(layout, t, k, x.device), start=1):
         out = out + padded.index_select(0, idx) * weight[:, k - 1 - s]
     if conv.bias is not None:
-        out = out + conv.bias
-    return out.reshape(rows, t, dim).transpose(1, 2).to(x.dtype)
+        out = out + conv.bias.to(out.dtype)
+    return out.reshape(rows, t, dim).to(x.dtype)
 
 
 def predecessor_chain(layout, t: int, k: int, device) -> list[torch.Tensor]:
