@@ -127,6 +127,7 @@ def sequence_conv(x: torch.Tensor, conv: nn.Conv1d, layout) -> torch.Tensor:
     return out.reshape(rows, t, dim).to(x.dtype)
 
 
+@torch.compiler.disable  # a Python loop over the layout: compiled layers call it as it is
 def predecessor_chain(layout, t: int, k: int, device) -> list[torch.Tensor]:
     """[pred^1, ..., pred^(k-1)] over the flat tokens of the layout's rows, each ``t`` long (the layout's
     length, or more where FlexAttention pads the rows), as long tensors in which N = R * t stands for
