@@ -98,8 +98,8 @@ def test_leaks_are_caught_without_the_name_list(models, name, monkeypatch):
 
     from orpo import mixers
 
-    monkeypatch.setattr(support, "_MIXER_LAYERS", {})
-    monkeypatch.setattr(support, "_MIXER_MODELS", {})
+    monkeypatch.setattr(mixers, "_MIXER_LAYERS", {})
+    monkeypatch.setattr(mixers, "_MIXER_MODELS", {})
     monkeypatch.setattr(mixers, "sequence_conv", lambda x, conv, layout: F.conv1d(  # x (R, T, D)
         x.transpose(1, 2), conv.weight, conv.bias, padding=conv.kernel_size[0] - 1,
         groups=x.shape[-1])[..., : x.shape[1]].transpose(1, 2))

@@ -38,6 +38,33 @@ _ORIGINAL = "_orpo_original_forward"
 SHORT_CONV = ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv")
 SHORT_CONV_WORDS = "a short convolution"
 
+# Layer kinds and model types whose layers mix tokens outside attention (orpo.support skips the packed
+# paths of those this module does not tell where sequences start).
+_MIXER_LAYERS = {"conv": "a short convolution", "mamba": "Mamba (SSM) layers",
+                 "linear_attention": "linear attention"}
+_MIXER_MODELS = {"lfm2": "a short convolution", "lfm2_moe": "a short convolution", "lfm3": "a short convolution",
+                 "granitemoehybrid": "Mamba (SSM) layers", "jamba": "Mamba (SSM) layers",
+                 "falcon_h1": "Mamba (SSM) layers", "nemotron_h": "Mamba (SSM) layers", "bamba": "Mamba (SSM) layers",
+                 "zamba": "Mamba (SSM) layers", "zamba2": "Mamba (SSM) layers", "mamba": "Mamba (SSM) layers",
+                 "mamba2": "Mamba (SSM) layers", "falcon_mamba": "Mamba (SSM) layers",
+                 "qwen3_next": "linear attention", "qwen3_5": "linear attention", "qwen3_5_text": "linear attention",
+                 "qwen3_5_moe": "linear attention", "olmo_hybrid": "linear attention", "rwkv": "RWKV recurrences",
+                 "recurrent_gemma": "recurrent layers", "minimax": "linear attention"}
+
+
+def token_mixer(config) -> str | None:
+    """What, besides attention, mixes tokens in this model's layers, if a name says so. The model type
+    is asked first: transformers labels Jamba's and Granite-4.0-H's Mamba layers "linear_attention" in
+    ``layer_types``, which would name the wrong mechanism in the line the user reads."""
+    known = _MIXER_MODELS.get(getattr(config, "model_type", ""))
+    if known is not None:
+        return known
+    for t in getattr(config, "layer_types", None) or []:
+        for kind, words in _MIXER_LAYERS.items():
+            if kind in str(t):
+                return words
+    return None
+
 
 def _is_short_conv(module: nn.Module) -> bool:
     conv = getattr(module, "conv", None)
@@ -58,7 +85,7 @@ def kernel_width(model: nn.Module) -> int:
 
 
 def packable(model: nn.Module, mixer: str | None) -> bool:
-    """Whether the model's mixer outside attention, named ``mixer`` by ``orpo.support.token_mixer``, is
+    """Whether the model's mixer outside attention, named ``mixer`` by :func:`token_mixer`, is
     one this module tells where sequences start (then :func:`install` makes packed rows possible)."""
     return mixer == SHORT_CONV_WORDS and bool(short_convs(model))
 

@@ -45,6 +45,7 @@ from .data.templates import TokenizedPair
 from .errors import UserError
 from .forward import Paths, PolicyForward, head_transform, resolve_attention
 from .loss import orpo_loss
+from .mixers import token_mixer
 from .model import _DROPOUT_ATTRS
 from .model import base_causal_lm
 from .multimodal import language_decoder, text_config
@@ -63,33 +64,6 @@ NOISE_X = 4.0
 # a head or a quantized layer that is not what the path thinks (errors of order 1).
 LOWP_LOGP_U = 16.0
 LOWP_GRAD_U = 8.0
-
-# Layer kinds and model types whose layers mix tokens outside attention.
-_MIXER_LAYERS = {"conv": "a short convolution", "mamba": "Mamba (SSM) layers",
-                 "linear_attention": "linear attention"}
-_MIXER_MODELS = {"lfm2": "a short convolution", "lfm2_moe": "a short convolution",
-                 "granitemoehybrid": "Mamba (SSM) layers", "jamba": "Mamba (SSM) layers",
-                 "falcon_h1": "Mamba (SSM) layers", "nemotron_h": "Mamba (SSM) layers", "bamba": "Mamba (SSM) layers",
-                 "zamba": "Mamba (SSM) layers", "zamba2": "Mamba (SSM) layers", "mamba": "Mamba (SSM) layers",
-                 "mamba2": "Mamba (SSM) layers", "falcon_mamba": "Mamba (SSM) layers",
-                 "qwen3_next": "linear attention", "qwen3_5": "linear attention", "qwen3_5_text": "linear attention",
-                 "qwen3_5_moe": "linear attention", "olmo_hybrid": "linear attention", "rwkv": "RWKV recurrences",
-                 "recurrent_gemma": "recurrent layers", "minimax": "linear attention"}
-
-
-def token_mixer(config) -> str | None:
-    """What, besides attention, mixes tokens in this model's layers, if a name says so. The model type
-    is asked first: transformers labels Jamba's and Granite-4.0-H's Mamba layers "linear_attention" in
-    ``layer_types``, which would name the wrong mechanism in the line the user reads."""
-    known = _MIXER_MODELS.get(getattr(config, "model_type", ""))
-    if known is not None:
-        return known
-    for t in getattr(config, "layer_types", None) or []:
-        for kind, words in _MIXER_LAYERS.items():
-            if kind in str(t):
-                return words
-    return None
-
 
 def synthetic_pairs(vocab: int, span: int | None = None, seed: int = 0, kernel: int = 0) -> list[TokenizedPair]:
     """Two random pairs (two, so that a packed row has a pair to leak into), chosen and rejected of
