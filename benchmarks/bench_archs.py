@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hh_rlhf_conv_train.jsonl.gz"))
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "orpo" / "bench-shapes"))
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--check-only", action="store_true", help="build each shape and print its path; time nothing")
     args = ap.parse_args()
     from orpo.forward import PolicyForward  # noqa: F401  (fail early on a broken checkout)
     from orpo.model import load_model, resolve_model
@@ -111,6 +112,9 @@ def main() -> None:
         t = time.time()
         paths = decide(load_model(folder), max_length=args.max_length)
         print(f"{name}: {paths.line()} [check {time.time() - t:.1f}s]", flush=True)
+        if args.check_only:
+            results[name] = {"paths": paths.as_dict()}
+            continue
         raw = Path(args.cache) / f"{name}.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trl.py"), "--model", str(folder),
                         "--data", args.data, "--rows", str(args.rows), "--max-length", str(args.max_length),
