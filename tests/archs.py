@@ -54,7 +54,11 @@ ARCHS = {
     "llama4": (dict(_type="llama4_text", attention_chunk_size=W, num_hidden_layers=4, head_dim=16,
                     intermediate_size_mlp=96, num_local_experts=2, num_experts_per_tok=1), "blocks"),  # 3:1
     "bloom": (dict(), "separate"),  # ALiBi from the 2D mask: a packed row cannot carry it
-    "lfm2": (dict(layer_types=["conv", "full_attention"]), "separate"),
+    # LFM2's short convolution is told where each sequence starts (orpo.mixers): packed like attention
+    "lfm2": (dict(layer_types=["conv", "full_attention"]), "blocks"),
+    "lfm2_moe": (dict(layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32), "blocks"),
+    "lfm3": (dict(layer_types=["conv", "full_attention"]), "blocks"),
     "qwen3_5": (dict(_type="qwen3_5_text", layer_types=["linear_attention", "full_attention"], head_dim=16,
                      **_LINEAR_ATTN), "separate"),
     "qwen3_next": (dict(layer_types=["linear_attention", "full_attention"], head_dim=16, num_experts=4,

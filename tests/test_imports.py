@@ -1,4 +1,5 @@
-"""Imports point one way: config <- data, model, loss, qblocks <- attention <- forward <- support <- checkpoint, evaluate <- train <- cli.
+"""Imports point one way: config <- data, model, loss, qblocks <- attention <- forward <- support <- checkpoint, evaluate <- train <- cli;
+mixers (torch only) <- forward, support.
 
 report (files only) <- train, compare; data, model <- inspect_data; evaluate, model <- chat; train <- compare <- cli;
 stats (numpy only) <- evaluate, answers, compare; data, stats <- answers <- train, cli;
@@ -24,10 +25,11 @@ ALLOWED = {
     "lean": {"model"},
     "progress": set(),
     "router": {"errors", "model"},
-    "forward": {"attention", "data", "errors", "loss", "model", "multimodal"},
+    "mixers": set(),
+    "forward": {"attention", "data", "errors", "loss", "mixers", "model", "multimodal"},
     "image_forward": {"data", "errors", "forward", "model", "multimodal", "support", "attention"},
     "miniature": {"attention", "model"},
-    "support": {"attention", "data", "errors", "forward", "loss", "miniature", "model", "multimodal"},
+    "support": {"attention", "data", "errors", "forward", "loss", "miniature", "mixers", "model", "multimodal"},
     "diskio": {"errors"},
     "runlock": {"errors"},
     "integrity": set(),

@@ -92,9 +92,17 @@ def test_every_accepted_path_gives_the_stock_numbers(models, name):
 
 @pytest.mark.parametrize("name", ["lfm2", "granitemoehybrid", "qwen3_5", "jamba"])
 def test_leaks_are_caught_without_the_name_list(models, name, monkeypatch):
-    """A packed row leaks through a convolution, SSM or linear attention: the check itself must see it."""
-    monkeypatch.setattr(support, "_MIXER_LAYERS", {})
-    monkeypatch.setattr(support, "_MIXER_MODELS", {})
+    """A packed row leaks through a convolution, SSM or linear attention: the check itself must see it.
+    LFM2's convolution, which orpo.mixers tells where sequences start, leaks here as plain conv1d."""
+    import torch.nn.functional as F
+
+    from orpo import mixers
+
+    monkeypatch.setattr(mixers, "_MIXER_LAYERS", {})
+    monkeypatch.setattr(mixers, "_MIXER_MODELS", {})
+    monkeypatch.setattr(mixers, "sequence_conv", lambda x, conv, layout: F.conv1d(  # x (R, T, D)
+        x.transpose(1, 2), conv.weight, conv.bias, padding=conv.kernel_size[0] - 1,
+        groups=x.shape[-1])[..., : x.shape[1]].transpose(1, 2))
     paths = support.decide(_model(models, name), max_length=64)
     assert paths.attention == "separate"
     assert "blocks/linear" in paths.rejected and "log-probs off" in paths.rejected["blocks/linear"]
@@ -120,9 +128,12 @@ def test_a_head_transform_we_miss_falls_back_to_the_models_head(models, name, mo
 
 
 def test_the_line_and_record(models):
-    paths = support.decide(_model(models, "lfm2"), max_length=64)
+    paths = support.decide(_model(models, "qwen3_5"), max_length=64)
     assert paths.line() == ("fallback: one sequence per row, chunked lm-head "
-                            "(this model mixes tokens with a short convolution, so pairs never share a row)")
+                            "(this model mixes tokens with linear attention, so pairs never share a row)")
+    hybrid = support.decide(_model(models, "lfm2"), max_length=64)
+    assert hybrid.line() == ("attention: blocks + prefix sharing + packing; chunked lm-head (checked against the "
+                             "model's own forward, a short convolution told where each sequence starts)")
     fast = support.decide(_model(models, "llama"), max_length=64)
     assert fast.line().startswith("attention: blocks + prefix sharing + packing; chunked lm-head")
     assert fast.as_dict()["attention"] == "blocks"

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, mixers
 from .data.batching import Batch, collate
 from .loss import linear_logps
 from .model import base_causal_lm
@@ -132,6 +132,9 @@ class PolicyForward(nn.Module):
         self.spans = layer_spans(config)  # the dense mask: one per layer type
         self.flex_spans = attention.model_spans(config)  # FlexAttention: one BlockMask per (window, chunk)
         self.row_limit = row_limit(config)
+        # short convolutions told where each sequence of a packed row starts (orpo.mixers): the layout
+        # goes down every layer in every packed mode, not just to block attention
+        self.mixer_layout = paths.attention != "separate" and mixers.install(lm)
         # the chunked head reads the weight directly (DeepSpeed ZeRO-3 must gather it for the whole forward)
         self.plain_head = paths.head == "linear"
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # read by FSDP's auto-wrap
@@ -176,6 +179,8 @@ class PolicyForward(nn.Module):
         else:  # separate: the model's own positions and mask, as TRL runs it
             del kwargs["position_ids"]
             kwargs["attention_mask"] = batch.layout.padding_mask(ids.device)
+        if self.mixer_layout and mode != "separate":
+            kwargs[mixers.LAYOUT] = batch.layout
         if self.paths.head == "model":
             return self._model_head_logps(lm, kwargs, src, batch.target)
         out = (decoder or language_decoder(lm))(**kwargs)

@@ -27,7 +27,9 @@ The check looks at the run as it will train (docs/proof.md says exactly what it 
 "separate" with the "model" head is the model's own forward, mask and head; it is exact by
 construction and is still checked. A name list only speeds the decision up: models known to mix
 tokens outside attention skip the packed candidates (a packed row would leak), and no model is
-accepted on its name alone.
+accepted on its name alone. A mixer that ``orpo.mixers`` tells where each sequence starts (LFM2's
+short convolution) is not skipped: its packed paths are tried and proven like any other, on pairs whose
+sequences are all longer than its kernel, so that every window of a packed row reaches across a boundary.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ import copy
 import numpy as np
 import torch
 
-from . import attention, miniature
+from . import attention, miniature, mixers
 from .data.batching import collate
 from .data.templates import TokenizedPair
 from .errors import UserError
 from .forward import Paths, PolicyForward, head_transform, resolve_attention
 from .loss import orpo_loss
+from .mixers import token_mixer
 from .model import _DROPOUT_ATTRS
 from .model import base_causal_lm
 from .multimodal import decoder_layers, text_config
@@ -62,44 +65,21 @@ NOISE_X = 4.0
 LOWP_LOGP_U = 16.0
 LOWP_GRAD_U = 8.0
 
-# Layer kinds and model types whose layers mix tokens outside attention.
-_MIXER_LAYERS = {"conv": "a short convolution", "mamba": "Mamba (SSM) layers",
-                 "linear_attention": "linear attention"}
-_MIXER_MODELS = {"lfm2": "a short convolution", "lfm2_moe": "a short convolution",
-                 "granitemoehybrid": "Mamba (SSM) layers", "jamba": "Mamba (SSM) layers",
-                 "falcon_h1": "Mamba (SSM) layers", "nemotron_h": "Mamba (SSM) layers", "bamba": "Mamba (SSM) layers",
-                 "zamba": "Mamba (SSM) layers", "zamba2": "Mamba (SSM) layers", "mamba": "Mamba (SSM) layers",
-                 "mamba2": "Mamba (SSM) layers", "falcon_mamba": "Mamba (SSM) layers",
-                 "qwen3_next": "linear attention", "qwen3_5": "linear attention", "qwen3_5_text": "linear attention",
-                 "qwen3_5_moe": "linear attention", "olmo_hybrid": "linear attention", "rwkv": "RWKV recurrences",
-                 "recurrent_gemma": "recurrent layers", "minimax": "linear attention"}
-
-
-def token_mixer(config) -> str | None:
-    """What, besides attention, mixes tokens in this model's layers, if a name says so. The model type
-    is asked first: transformers labels Jamba's and Granite-4.0-H's Mamba layers "linear_attention" in
-    ``layer_types``, which would name the wrong mechanism in the line the user reads."""
-    known = _MIXER_MODELS.get(getattr(config, "model_type", ""))
-    if known is not None:
-        return known
-    for t in getattr(config, "layer_types", None) or []:
-        for kind, words in _MIXER_LAYERS.items():
-            if kind in str(t):
-                return words
-    return None
-
-
-def synthetic_pairs(vocab: int, span: int | None = None, seed: int = 0) -> list[TokenizedPair]:
+def synthetic_pairs(vocab: int, span: int | None = None, seed: int = 0, kernel: int = 0) -> list[TokenizedPair]:
     """Two random pairs (two, so that a packed row has a pair to leak into), chosen and rejected of
     different lengths. With ``span`` (the longest sliding window or attention chunk a pair of the run can
     exceed), every sequence is longer than it, and so is each completion of the second pair alone: a
-    path that ignores a window or chunk, or applies it from the wrong position, moves the log-probs."""
+    path that ignores a window or chunk, or applies it from the wrong position, moves the log-probs.
+    ``kernel``: the widest short convolution; every prompt and completion is longer, so each window
+    that starts a sequence would reach into the previous one."""
     rng = np.random.default_rng(seed)
     if span is None:
         shapes = [(8, 7, 5), (5, 10, 8)]
     else:
         h = span // 2
         shapes = [(h + 5, h + 9, h + 3), (6, span + 4, span + 1)]
+    grow = max(0, kernel + 1 - min(min(s) for s in shapes))
+    shapes = [tuple(n + grow for n in s) for s in shapes]
     out = []
     for i, (p, c, r) in enumerate(shapes):
         ids = lambda n: rng.integers(3, vocab, n).astype(np.int32)  # noqa: E731
@@ -238,12 +218,12 @@ class _Stage:
         return f"{self.label}{why}" if why and self.label else why
 
 
-def _miniature_stages(model, dev, span, amp, weights) -> list[_Stage]:
+def _miniature_stages(model, dev, span, amp, weights, kernel=0) -> list[_Stage]:
     """The miniature in fp32 (tight tolerances), then at the run's precision (against the fp32 twin)."""
     mini = miniature.build(model, dev)
     _QuietDropout(mini).__enter__()  # for good: the miniature is thrown away after the check
     vocab = base_causal_lm(mini).config.get_text_config().vocab_size
-    pairs = synthetic_pairs(vocab, span, seed=1)
+    pairs = synthetic_pairs(vocab, span, seed=1, kernel=kernel)
     where = f"miniature, {span}-token window/chunk reached" if span else "miniature"
     exact = _Stage(f"{where}: ", mini, pairs, _all_trained(mini))
     if not bool(torch.isfinite(exact.ref[0]).all()):
@@ -331,11 +311,13 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
     lm = base_causal_lm(model)
     dev = torch.device(device) if device is not None else _device(lm)
     mixer = token_mixer(text_config(lm.config))
+    told = mixers.packable(lm, mixer)  # a mixer told where sequences start: packed paths tried, proven
+    kernel = mixers.kernel_width(lm) if told else 0
     forced = attention != "auto"
     first = resolve_attention(attention, dev)
     if forced:
         modes = [first]
-    elif mixer:
+    elif mixer and not told:
         modes = ["separate"]
     else:
         modes = [first, "mask", "separate"] if first != "mask" else ["mask", "separate"]
@@ -345,14 +327,14 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
     notes = [] if real else ["the real weights are sharded or partitioned here: checked on the miniature only"]
     with _QuietDropout(model):
         stages = []
-        if not (mixer and real):
+        if not (mixer and not told and real):
             try:
-                stages = _miniature_stages(model, dev, span, amp, weights_dtype)
+                stages = _miniature_stages(model, dev, span, amp, weights_dtype, kernel)
             except Exception as e:  # a config the miniature cannot copy: the real model is checked instead
                 notes.append(f"no miniature ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
         if real:
             # short pairs, unless no miniature reached the windows: then the real model must
-            stages.append(_Stage("", model, synthetic_pairs(_vocab(lm), None if stages else span),
+            stages.append(_Stage("", model, synthetic_pairs(_vocab(lm), None if stages else span, kernel=kernel),
                                  _checked_params(model), amp, tol=real_tolerances(model, amp)))
         rejected = {}
         if not stages:  # nothing can run here: only the model's own forward, exact by construction
@@ -371,7 +353,7 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
                         break
                 if why is None:
                     paths.rejected = rejected
-                    paths.reason = _reason(paths, mixer, rejected, forced) + "".join(f"; {n}" for n in notes)
+                    paths.reason = _reason(paths, mixer, rejected, forced, told) + "".join(f"; {n}" for n in notes)
                     return paths
                 rejected[paths.name] = why
     detail = "; ".join(f"{k}: {v}" for k, v in rejected.items())
@@ -382,9 +364,11 @@ def decide(model, attention: str = "auto", prefix_sharing: bool = True, packing:
                     f"own forward ({detail}); please report this model")
 
 
-def _reason(paths: Paths, mixer, rejected: dict, forced: bool) -> str:
-    if mixer and paths.attention == "separate":
+def _reason(paths: Paths, mixer, rejected: dict, forced: bool, told: bool = False) -> str:
+    if mixer and not told and paths.attention == "separate":
         return f"this model mixes tokens with {mixer}, so pairs never share a row"
+    if told and paths.attention != "separate":
+        return f"checked against the model's own forward, {mixer} told where each sequence starts"
     if forced:
         return "as asked; checked against the model's own forward"
     if rejected:
