@@ -105,3 +105,16 @@ def build(name: str, seed: int = 0, std: float = 0.3, window: int | None = None)
             if p.ndim >= 2:
                 p.normal_(0, std)
     return model
+
+
+def stock_logps(model, pairs):
+    """Each sequence alone through the model's own forward: per-token log-probs, chosen then rejected."""
+    import numpy as np
+
+    out = []
+    for p in pairs:
+        for comp in (p.chosen, p.rejected):
+            seq = torch.tensor(np.concatenate((p.prompt, comp)).astype(np.int64))[None]
+            logp = torch.log_softmax(model(input_ids=seq, use_cache=False).logits[0].float(), -1)
+            out.append(logp[len(p.prompt) - 1 : -1].gather(1, seq[0, len(p.prompt):, None])[:, 0])
+    return torch.cat(out)

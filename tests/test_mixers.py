@@ -18,7 +18,7 @@ from orpo.forward import Paths, PolicyForward
 from orpo.loss import metric_vector, orpo_loss, summarize
 from orpo.model import add_lora
 
-from archs import VOCAB, build
+from archs import VOCAB, build, stock_logps
 
 BETA = 0.3
 HYBRIDS = ["lfm2", "lfm2_moe", "lfm3"]  # every mixer type orpo.mixers tells where sequences start
@@ -105,14 +105,6 @@ def test_the_patch_leaves_other_calls_alone():
     assert out.shape == (1, 12)
 
 
-def _stock(model, pairs):
-    out = []
-    for p in pairs:
-        for comp in (p.chosen, p.rejected):
-            seq = torch.tensor(np.concatenate((p.prompt, comp)).astype(np.int64))[None]
-            logp = torch.log_softmax(model(input_ids=seq, use_cache=False).logits[0].float(), -1)
-            out.append(logp[len(p.prompt) - 1 : -1].gather(1, seq[0, len(p.prompt):, None])[:, 0])
-    return torch.cat(out)
 
 
 def _step(params, logps, batch):
@@ -149,7 +141,7 @@ def test_hybrid_packing_gives_the_stock_numbers(trained, name, lora):
     pairs = _pairs()
     params = [p for p in model.parameters() if p.requires_grad]
     ref_batch = collate(pairs, False, False)
-    ref_metrics, ref_grad = _step(params, _stock(model, pairs), ref_batch)
+    ref_metrics, ref_grad = _step(params, stock_logps(model, pairs), ref_batch)
     auto = support.decide(model, max_length=64)
     assert auto.attention == "blocks" and auto.packing and auto.prefix_sharing, auto.line()
     assert "a short convolution told where each sequence starts" in auto.line()
@@ -171,7 +163,7 @@ def test_packed_lfm2_under_activation_checkpointing():
     model = build("lfm2").train()
     pairs = _pairs()
     params = list(model.parameters())
-    ref_metrics, ref_grad = _step(params, _stock(model, pairs), collate(pairs, False, False))
+    ref_metrics, ref_grad = _step(params, stock_logps(model, pairs), collate(pairs, False, False))
     enable_activation_checkpointing(model)
     policy = PolicyForward(model, "blocks")
     batch = policy.collate(pairs, False)

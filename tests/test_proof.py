@@ -16,7 +16,7 @@ from orpo.errors import UserError
 from orpo.forward import Paths, PolicyForward
 from orpo.model import add_lora
 
-from archs import ARCHS, COMMON, build
+from archs import ARCHS, COMMON, build, stock_logps
 from conftest import make_tiny_llama
 
 
@@ -44,16 +44,6 @@ def _long_pairs(vocab, seed=3):
             for i, (p, c, r) in enumerate([(90, 110, 70), (20, 160, 200)])]
 
 
-def _stock(model, pairs):
-    """Each sequence alone through the model's own forward: per-token log-probs, chosen then rejected."""
-    out = []
-    with torch.no_grad():
-        for p in pairs:
-            for comp in (p.chosen, p.rejected):
-                seq = torch.tensor(np.concatenate((p.prompt, comp)).astype(np.int64))[None]
-                logp = torch.log_softmax(model(input_ids=seq, use_cache=False).logits[0].float(), -1)
-                out.append(logp[len(p.prompt) - 1 : -1].gather(1, seq[0, len(p.prompt):, None])[:, 0])
-    return torch.cat(out)
 
 
 def _logps(model, paths, pairs):
@@ -197,7 +187,7 @@ def test_a_window_of_64_is_proven_on_pairs_of_150_to_300_tokens(name, monkeypatc
     model.eval()
     paths = support.decide(model, max_length=512)
     pairs = _long_pairs(COMMON["vocab_size"])
-    torch.testing.assert_close(_logps(model, paths, pairs), _stock(model, pairs), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logps(model, paths, pairs), stock_logps(model, pairs), rtol=1e-4, atol=1e-4)
     # a path that ignores the window is rejected, by the check and not by the short pairs of old
     import orpo.attention as attn
 
@@ -215,14 +205,14 @@ def test_llama4_chunked_attention_is_never_silently_wrong():
     assert miniature.attention_spans(model.config)["chunked_attention"] == 64
     paths = support.decide(model, max_length=512)
     pairs = _long_pairs(COMMON["vocab_size"])
-    torch.testing.assert_close(_logps(model, paths, pairs), _stock(model, pairs), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logps(model, paths, pairs), stock_logps(model, pairs), rtol=1e-4, atol=1e-4)
     for mode in ("blocks", "mask"):
         try:
             forced = support.decide(model, attention=mode, max_length=512)
         except UserError as e:
             assert "64-token window/chunk reached" in str(e) and "\n" not in str(e)
         else:  # a path that handles chunks is accepted only if it gives the stock numbers
-            torch.testing.assert_close(_logps(model, forced, pairs), _stock(model, pairs), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(_logps(model, forced, pairs), stock_logps(model, pairs), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", [n for n, (_, mode) in ARCHS.items() if mode != "separate"])
@@ -242,7 +232,7 @@ def test_a_lora_head_trains_and_gives_the_stock_numbers(monkeypatch):
     assert paths.head != "linear"  # the chunked head would read the base weight and skip the adapter
     pairs = _long_pairs(400)
     lm = model.get_base_model()
-    torch.testing.assert_close(_logps(model, paths, pairs), _stock(lm, pairs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logps(model, paths, pairs), stock_logps(lm, pairs), rtol=1e-5, atol=1e-5)
     head_b = [p for n, p in model.named_parameters() if "lm_head" in n and "lora_B" in n]
     assert head_b and all(float(p.abs().max()) == 0 for p in head_b)
     policy = PolicyForward(model, paths)

@@ -14,7 +14,7 @@ from orpo.errors import UserError
 from orpo.forward import PolicyForward
 from orpo.loss import metric_vector, orpo_loss, summarize
 
-from archs import ARCHS, VOCAB, build
+from archs import ARCHS, VOCAB, build, stock_logps
 
 BETA = 0.3
 # This file shrinks the matrix's windows and chunks (64) to W, to keep its many decisions quick; windows
@@ -30,15 +30,6 @@ def _pairs(seed=1):
             for i, (p, c, r) in enumerate([(W + 2, W - 3, 4), (5, W + 4, W), (3, 2, W + 1)])]
 
 
-def _stock(model, pairs):
-    """Each sequence alone through the model's own forward: per-token log-probs, chosen then rejected."""
-    out = []
-    for p in pairs:
-        for comp in (p.chosen, p.rejected):
-            seq = torch.tensor(np.concatenate((p.prompt, comp)).astype(np.int64))[None]
-            logp = torch.log_softmax(model(input_ids=seq, use_cache=False).logits[0].float(), -1)
-            out.append(logp[len(p.prompt) - 1 : -1].gather(1, seq[0, len(p.prompt):, None])[:, 0])
-    return torch.cat(out)
 
 
 def _step(model, logps, batch):
@@ -66,7 +57,7 @@ def test_every_accepted_path_gives_the_stock_numbers(models, name):
     pairs = _pairs()
     ref_policy = PolicyForward(model, support.Paths("separate", False, False, "model"))
     ref_batch = ref_policy.collate(pairs, False)
-    ref_metrics, ref_grad = _step(model, _stock(model, pairs), ref_batch)
+    ref_metrics, ref_grad = _step(model, stock_logps(model, pairs), ref_batch)
 
     auto = support.decide(model, max_length=64)
     assert auto.attention == ARCHS[name][1], auto.line()

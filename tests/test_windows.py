@@ -20,7 +20,7 @@ from orpo.data.batching import collate
 from orpo.data.templates import TokenizedPair
 from orpo.forward import PolicyForward
 
-from archs import ARCHS, VOCAB, W, build, config
+from archs import ARCHS, VOCAB, W, build, config, stock_logps
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -39,15 +39,6 @@ def _pairs(seed=3):
     return [TokenizedPair(ids(p), ids(c), ids(r), f"w:{i}") for i, (p, c, r) in enumerate(SHAPES)]
 
 
-def _stock(model, pairs):
-    """Each sequence alone through the model's own forward: per-token log-probs, chosen then rejected."""
-    out = []
-    for p in pairs:
-        for comp in (p.chosen, p.rejected):
-            seq = torch.tensor(np.concatenate((p.prompt, comp)).astype(np.int64))[None]
-            logp = torch.log_softmax(model(input_ids=seq, use_cache=False).logits[0].float(), -1)
-            out.append(logp[len(p.prompt) - 1 : -1].gather(1, seq[0, len(p.prompt):, None])[:, 0])
-    return torch.cat(out)
 
 
 # Linear subclasses that peft wraps under all-linear but whose forward returns a tuple (Llama-4's router:
@@ -91,7 +82,7 @@ def test_fast_paths_give_the_stock_logps_at_real_windows(name, lora):
     model = _model(name, lora)
     pairs = _pairs()
     with torch.no_grad():
-        want = _stock(model, pairs)
+        want = stock_logps(model, pairs)
         for mode in ("blocks", "mask", "flex"):
             for sharing, packing in ((True, True), (False, False)):
                 policy = PolicyForward(model, mode)
@@ -108,7 +99,7 @@ def test_gradients_match_at_real_windows(name, mode):
     model = _model(name, False)
     pairs = _pairs()
     params = [p for p in model.parameters() if p.requires_grad]
-    want = torch.autograd.grad(_stock(model, pairs).sum(), params, allow_unused=True)
+    want = torch.autograd.grad(stock_logps(model, pairs).sum(), params, allow_unused=True)
     got = torch.autograd.grad(PolicyForward(model, mode)(collate(pairs, True, True, False)).sum(), params,
                               allow_unused=True)
     attention.disable(model.config)
@@ -123,7 +114,7 @@ def test_a_window_left_out_is_seen(name, monkeypatch):
     model = _model(name, False)
     pairs = _pairs()
     with torch.no_grad():
-        want = _stock(model, pairs)
+        want = stock_logps(model, pairs)
         monkeypatch.setattr(attention, "config_spans", lambda config: (None, None))
         got = PolicyForward(model, "mask")(collate(pairs, True, True, False))
     assert float((got - want).abs().max()) > 100 * TOL
@@ -139,7 +130,7 @@ def test_one_block_mask_for_every_layer_is_seen(name, monkeypatch):
     assert len(spans) > 1 and (None, None) in spans
     smallest = min((s for s in spans if s != (None, None)), key=lambda s: min(x for x in s if x))
     with torch.no_grad():
-        want = _stock(model, pairs)
+        want = stock_logps(model, pairs)
         monkeypatch.setattr(attention, "layer_span", lambda module, kwargs: smallest)
         got = PolicyForward(model, "flex")(collate(pairs, True, True, False))
     attention.disable(model.config)
@@ -192,7 +183,7 @@ def test_llama4_rows_stay_below_its_temperature_index(guard, monkeypatch):
         monkeypatch.setattr(fwd, "row_limit", lambda config: None)
     pairs = _pairs()
     with torch.no_grad():
-        want = _stock(model, pairs)
+        want = stock_logps(model, pairs)
         policy = PolicyForward(model, "blocks")
         batch = policy.collate(pairs, False)
         got = policy(batch)
