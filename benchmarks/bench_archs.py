@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hh_rlhf_conv_train.jsonl.gz"))
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "orpo" / "bench-shapes"))
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--tools", default="ours,trl", help="bench_trl.py's --tools (e.g. ours,ours-separate,trl)")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                     help="both tools' precision (fp32: what --precision auto picks on a CPU without native bf16)")
     ap.add_argument("--check-only", action="store_true", help="build each shape and print its path; time nothing")
@@ -120,7 +121,7 @@ def main() -> None:
         raw = Path(args.cache) / f"{name}.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trl.py"), "--model", str(folder),
                         "--data", args.data, "--rows", str(args.rows), "--max-length", str(args.max_length),
-                        "--tools", "ours,trl", "--precision", args.precision, "--json", str(raw)], check=True)
+                        "--tools", args.tools, "--precision", args.precision, "--json", str(raw)], check=True)
         results[name] = {"paths": paths.as_dict(), **json.loads(raw.read_text())}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

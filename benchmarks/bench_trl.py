@@ -219,6 +219,7 @@ def compare(args) -> dict:
         variants = {
             "ours": ("ours", {}), "ours-blocks": ("ours", {"ours_extra": {"attention": "blocks"}}),
             "ours-flex": ("ours", {"ours_extra": {"attention": "flex"}}),
+            "ours-separate": ("ours", {"ours_extra": {"attention": "separate"}}),
             "ours-liger": ("ours", {"ours_extra": {"liger": True}}),
             "ours-gc": ("ours", {"gc": True}), "ours-nolean": ("ours", {"ours_extra": {"lean_activations": False}}),
             "trl": ("trl", {}), "trl-gc": ("trl", {"gc": True}),
