@@ -71,3 +71,13 @@ def test_a_run_over_its_budget_recomputes_layers_and_keeps_its_numbers(tmp_path,
     assert "2 of 2 layers recompute in the backward pass" in said, said
     assert json.loads((tmp_path / "tight" / "summary.json").read_text())["paths"]["recomputed_layers"] == 2
     assert tight == kept
+
+
+def test_the_default_budget_leaves_room_for_gradients_and_states(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * recompute.GIB, 80 * recompute.GIB))
+    cuda = torch.device("cuda", 0)
+    assert recompute.default_budget(cuda) == 20 * recompute.GIB
+    # 1B trained parameters: 12 GB of fp32 gradients and AdamW states come later
+    assert recompute.default_budget(cuda, 10**9) == int((40 * recompute.GIB - 12 * 10**9) * 0.5)
+    assert recompute.default_budget(cuda, 10**10) == 1  # nothing left: every layer recomputes
+    assert 0 < recompute.default_budget(torch.device("cpu")) <= recompute.CPU_BUDGET

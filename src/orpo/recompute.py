@@ -33,12 +33,13 @@ GIB = 2**30
 CPU_BUDGET = 4 * GIB  # a budget that leaves a 16 GB laptop room for weights, optimizer states and the OS
 
 
-def default_budget(device: torch.device) -> int:
-    """Bytes of activations a micro-batch may keep: half of the GPU memory free after loading, or on the
-    CPU 4 GiB or a quarter of the RAM, whichever is less."""
+def default_budget(device: torch.device, trained: int = 0) -> int:
+    """Bytes of activations a micro-batch may keep: on a GPU, half of what is free after loading once the
+    ``trained`` parameters' fp32 gradients and AdamW states (12 bytes each, allocated later) are set
+    aside; on the CPU 4 GiB or a quarter of the RAM, whichever is less."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
+        return max(0, int((free - 12 * trained) * 0.5)) or 1
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -259,7 +259,9 @@ def budget_recompute(forward, model, cfg, device, train_pairs, say, sharded: boo
     lm = base_causal_lm(model)
     tokens = recompute.largest_micro_batch(train_pairs, cfg.batch_size, forward.paths.prefix_sharing,
                                            forward.paths.packing)
-    budget = int(cfg.activation_memory * recompute.GIB) if cfg.activation_memory else recompute.default_budget(device)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    budget = (int(cfg.activation_memory * recompute.GIB) if cfg.activation_memory
+              else recompute.default_budget(device, trained))
     amp = torch.bfloat16 if cfg.precision == "bf16" else None
     forward.paths.recomputed_layers = recompute.plan(forward, decoder_layers(lm), text_config(lm.config), amp, tokens,
                                                      budget, say)
