@@ -83,7 +83,7 @@ class TrainConfig:
     activation_memory: Optional[float] = opt(
         None, "GB of activations a micro-batch may keep for the backward pass; beyond it, just enough layers "
         "recompute theirs (same numbers, more time). Default: 4 (a quarter of the RAM if less) on CPU, half the "
-        "GPU's free memory on CUDA; 0: never. Without --gradient-checkpointing.", "model"
+        "GPU memory left after loading and after the gradients and AdamW states on CUDA; 0: never. Without --gradient-checkpointing.", "model"
     )
     model_dtype: str = opt(
         "auto",
