@@ -80,6 +80,18 @@ def load_processor(folder, trust_remote_code: bool = False):
     return processor
 
 
+def run_processor(folder, tokenizer, data_name: str, trust_remote_code: bool = False, chat_template=None):
+    """The processor a run with image pairs uses: the model must take images (one line if not), and the
+    tokenizer's chat template (``--chat-template``, or the tokenizer's where the processor has none) is its."""
+    from transformers import AutoConfig
+
+    check_model(AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code), folder, data_name)
+    processor = load_processor(folder, trust_remote_code)
+    if chat_template or not getattr(processor, "chat_template", None):
+        processor.chat_template = tokenizer.chat_template
+    return processor
+
+
 def placeholder(processor) -> str | None:
     """The text that stands for one image before the processor expands it (Gemma-3's start-of-image)."""
     return getattr(processor, "image_token", None) or getattr(processor.tokenizer, "image_token", None)

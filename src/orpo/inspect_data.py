@@ -297,15 +297,9 @@ def inspect_command(cfg, source: str, n_examples: int = 2, color: str = "auto", 
     set_chat_template(tokenizer, cfg.chat_template, say=lambda m: None)
 
     def processor():  # image pairs: the model's processor, once the model is known to take images
-        from transformers import AutoConfig
+        from .image_forward import run_processor
 
-        from .image_forward import check_model, load_processor
-
-        check_model(AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code), folder, str(source))
-        proc = load_processor(folder, cfg.trust_remote_code)
-        if cfg.chat_template or not getattr(proc, "chat_template", None):
-            proc.chat_template = tokenizer.chat_template
-        return proc
+        return run_processor(folder, tokenizer, str(source), cfg.trust_remote_code, cfg.chat_template)
 
     info = inspect_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_rows, n_examples,
                         cfg.columns, processor)

@@ -25,7 +25,7 @@ from ..data.prepare import Rows, check_strict, check_usable, report_line, scan_r
 from ..data.store import TokenStore
 from ..errors import UserError
 from ..forward import Paths, PolicyForward
-from ..image_forward import ImagePath, check_model, load_processor
+from ..image_forward import ImagePath, run_processor
 from ..model import (
     add_lora,
     apply_liger,
@@ -167,14 +167,7 @@ def image_processor(cfg: TrainConfig, folder: Path, tokenizer, *rows: Rows | Non
     with_images = [r for r in rows if r is not None and r.images]
     if not with_images:
         return None
-    from transformers import AutoConfig
-
-    check_model(AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code), folder,
-                with_images[0].name)
-    processor = load_processor(folder, cfg.trust_remote_code)
-    if cfg.chat_template or not getattr(processor, "chat_template", None):
-        processor.chat_template = tokenizer.chat_template
-    return processor
+    return run_processor(folder, tokenizer, with_images[0].name, cfg.trust_remote_code, cfg.chat_template)
 
 
 def set_up(cfg: TrainConfig, engine: Engine) -> Run:
